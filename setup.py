@@ -1,0 +1,56 @@
+"""Distribution ``relzoo``, import package ``zoo``.
+
+The data folders ``configs/``, ``convert/`` and ``ops/`` sit at the repository
+root (so torch.hub and a plain checkout find them); a wheel carries copies of
+them inside the package as ``zoo/_data/``, which :func:`zoo.paths.data_root`
+looks at first.
+"""
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIRS = ("configs", "convert", "ops")
+
+
+class BuildPyWithData(build_py):
+    """Copy the data folders into ``zoo/_data`` of the build tree (wheels only; editable installs read the checkout)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "zoo" / "_data"
+        for name in DATA_DIRS:
+            shutil.copytree(ROOT / name, target / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
+
+
+setup(
+    name="relzoo",
+    version="0.1.0",
+    description="Model zoo for relation- and relative-position-aware attention models in vision",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["zoo", "zoo.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "huggingface_hub>=0.23",
+        "safetensors>=0.4",
+        "ninja",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "pillow",
+        "scipy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "pycocotools>=2.0.7", "build", "wheel"],
+        "coco": ["pycocotools>=2.0.7"],
+        "video": ["pillow"],
+    },
+    entry_points={"console_scripts": ["zoo=zoo.cli:main", "relzoo=zoo.cli:main"]},
+    cmdclass={"build_py": BuildPyWithData},
+)

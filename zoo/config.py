@@ -1,0 +1,186 @@
+"""Typed model configs, read from ``configs/<family>.yaml``.
+
+One YAML per family holds, for each registered model: its task, the constructor
+kwargs, the preprocessing, the evaluation protocol, the weights entries (by tag)
+and the reported metrics with their source. A malformed file is a
+:class:`~zoo.errors.ConfigError` naming the file and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from zoo.errors import ConfigError
+from zoo.paths import configs_dir
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """Where one set of weights comes from.
+
+    ``source`` is ``hf://org/repo[@rev]/file``, an https URL or a path (relative paths
+    are relative to the data root). ``sha256`` None means unknown: the first download
+    records and reports it. ``converter`` names a ``convert/<name>.yaml`` map when the
+    file is an original checkpoint rather than our safetensors.
+    """
+
+    tag: str
+    source: str
+    sha256: Optional[str] = None
+    converter: Optional[str] = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ReportedMetric:
+    """One number a paper or release reports, in the units of its table (AP 42.2, top-1 81.2).
+
+    ``weights`` is the tag of the checkpoint it belongs to, or None for a paper number
+    without released weights. ``verified`` False marks values the spec could not confirm.
+    """
+
+    metric: str
+    value: float
+    dataset: str
+    source: str
+    weights: Optional[str] = None
+    verified: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the zoo knows about one registered model besides its code."""
+
+    name: str
+    family: str
+    task: str
+    description: str = ""
+    kwargs: dict = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)  # tag -> WeightsEntry
+    default_weights: Optional[str] = None
+    reported: tuple = ()  # ReportedMetric, ...
+    notes: str = ""
+
+    def weights_entry(self, tag: Optional[str] = None) -> WeightsEntry:
+        """The entry for ``tag`` (default: ``default_weights``); a clear error when there is none."""
+        from zoo.errors import WeightsError
+
+        tag = tag or self.default_weights
+        if tag is None:
+            hint = f" Available tags: {', '.join(self.weights)}." if self.weights else ""
+            raise WeightsError(f"model '{self.name}' has no default pretrained weights.{hint} {self.notes}".strip())
+        if tag not in self.weights:
+            known = ", ".join(self.weights) or "none"
+            raise WeightsError(f"model '{self.name}' has no weights tagged '{tag}' (known tags: {known})")
+        return self.weights[tag]
+
+    def reported_for(self, tag: Optional[str]) -> list[ReportedMetric]:
+        """Reported rows for a weights tag (tag None: the rows of the default tag, else the paper's rows)."""
+        tag = tag or self.default_weights
+        rows = [r for r in self.reported if r.weights == tag]
+        return rows or [r for r in self.reported if r.weights is None]
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    family: str
+    title: str
+    paper: str = ""
+    spec: str = ""
+    models: dict = field(default_factory=dict)  # name -> ModelConfig
+
+
+def _check_fields(obj: Any, cls, where: str, required: tuple = ()) -> dict:
+    """``obj`` must be a mapping whose keys are fields of ``cls``; returns it as a dict."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(obj).__name__}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = [name for name in required if name not in obj]
+    if missing:
+        raise ConfigError(f"{where}: missing required field(s) {missing}")
+    return dict(obj)
+
+
+def _typed(value: Any, types, where: str):
+    if not isinstance(value, types):
+        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    return value
+
+
+def _parse_model(name: str, raw: Any, family: str, where: str) -> ModelConfig:
+    data = _check_fields(raw, ModelConfig, where, required=("task",))
+    data.pop("name", None)
+    data.pop("family", None)
+    for key in ("kwargs", "preprocessing", "eval"):
+        _typed(data.setdefault(key, {}) or {}, dict, f"{where}.{key}")
+    weights = {}
+    for tag, entry in (_typed(data.get("weights") or {}, dict, f"{where}.weights")).items():
+        w = _check_fields(entry, WeightsEntry, f"{where}.weights.{tag}", required=("source",))
+        w.pop("tag", None)
+        _typed(w["source"], str, f"{where}.weights.{tag}.source")
+        if w.get("sha256") is not None and (len(str(w["sha256"])) != 64):
+            raise ConfigError(f"{where}.weights.{tag}.sha256: expected 64 hex digits or null")
+        weights[str(tag)] = WeightsEntry(tag=str(tag), **w)
+    data["weights"] = weights
+    default = data.get("default_weights")
+    if default is not None and default not in weights:
+        raise ConfigError(f"{where}.default_weights: '{default}' is not one of the weights tags {sorted(weights)}")
+    reported = []
+    for i, row in enumerate(_typed(data.get("reported") or [], list, f"{where}.reported")):
+        r = _check_fields(row, ReportedMetric, f"{where}.reported[{i}]", required=("metric", "value", "dataset", "source"))
+        _typed(r["value"], (int, float), f"{where}.reported[{i}].value")
+        if r.get("weights") is not None and r["weights"] not in weights:
+            raise ConfigError(f"{where}.reported[{i}].weights: '{r['weights']}' is not a weights tag of {name}")
+        reported.append(ReportedMetric(**{**r, "value": float(r["value"])}))
+    data["reported"] = tuple(reported)
+    return ModelConfig(name=name, family=family, **data)
+
+
+def parse_family_config(raw: Any, path: Path) -> FamilyConfig:
+    """Validate one family file's parsed YAML into a :class:`FamilyConfig`."""
+    where = str(path)
+    data = _check_fields(raw, FamilyConfig, where, required=("family", "title", "models"))
+    if data["family"] != path.stem:
+        raise ConfigError(f"{where}: field 'family' is '{data['family']}' but the file is named '{path.stem}.yaml'")
+    models = {}
+    for name, model in _typed(data["models"], dict, f"{where}: models").items():
+        models[name] = _parse_model(name, model, data["family"], f"{where}: models.{name}")
+    data["models"] = models
+    return FamilyConfig(**data)
+
+
+def load_family_config(path: Path) -> FamilyConfig:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_family_config(raw, path)
+
+
+@lru_cache(maxsize=None)
+def all_model_configs() -> dict[str, ModelConfig]:
+    """name -> ModelConfig over every ``configs/*.yaml``; a name defined twice is an error."""
+    configs: dict[str, ModelConfig] = {}
+    for path in sorted(configs_dir().glob("*.yaml")):
+        for name, cfg in load_family_config(path).models.items():
+            if name in configs:
+                raise ConfigError(f"{path}: model '{name}' is already defined by family '{configs[name].family}'")
+            configs[name] = cfg
+    return configs
+
+
+@lru_cache(maxsize=None)
+def family_configs() -> dict[str, FamilyConfig]:
+    return {p.stem: load_family_config(p) for p in sorted(configs_dir().glob("*.yaml"))}

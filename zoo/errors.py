@@ -1,0 +1,49 @@
+"""Every error RelZoo raises on purpose, in one place.
+
+All derive from :class:`ZooError`, so ``except zoo.errors.ZooError`` catches
+anything the library reports about bad input, and the CLI turns them into one
+clear line and a non-zero exit.
+"""
+
+
+class ZooError(Exception):
+    """Base class of RelZoo's own errors."""
+
+
+class UnknownModelError(ZooError, KeyError):
+    """A model name (or ``name.tag``) that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(ZooError, ValueError):
+    """A malformed ``configs/*.yaml`` or ``convert/*.yaml`` file; the message names file and field."""
+
+
+class WeightsError(ZooError):
+    """Weights that cannot be found, fetched or loaded."""
+
+
+class HashMismatchError(WeightsError):
+    """A downloaded or local file whose sha256 differs from the expected one."""
+
+
+class OfflineError(WeightsError):
+    """Offline mode is on and the file is not in the cache."""
+
+
+class CheckpointError(ZooError):
+    """A checkpoint that is corrupt, truncated, of an unknown format or holds a refused pickle global."""
+
+
+class ConversionError(ZooError):
+    """A state dict that does not fit its target: missing, unexpected or mis-shaped keys."""
+
+
+class DatasetError(ZooError):
+    """A dataset folder that is missing or not in the format a protocol expects."""
+
+
+class OpsError(ZooError):
+    """A native kernel that cannot be built or loaded when ``RELZOO_OPS=native`` demands it."""

@@ -1,0 +1,174 @@
+"""Run a protocol over a dataset on one process or many, and compare with the reported table.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank evaluates the samples
+``rank, rank + world, ...`` — each sample exactly once — and the predictions are
+gathered to rank 0 in dataset order, so the metrics are computed once and equal a
+single-process run's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zoo.config import ModelConfig, ReportedMetric
+from zoo.eval.protocol import Protocol, get_protocol
+from zoo.registry import create_model, model_info, split_name
+
+
+@dataclass
+class MetricRow:
+    metric: str
+    reproduced: float
+    reported: Optional[float] = None
+    difference: Optional[float] = None
+    source: str = ""
+
+
+@dataclass
+class EvalResult:
+    model: str
+    weights: Optional[str]
+    protocol: str
+    dataset: Optional[str]
+    num_samples: int
+    limited: bool
+    rows: list = field(default_factory=list)  # MetricRow
+    metrics: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Markdown table: metric | reported | reproduced | difference | source."""
+        fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        lines = [f"{self.model} ({self.weights or 'given weights'}) on {self.dataset or self.protocol}: "
+                 f"{self.num_samples} samples" + (" (--limit: a partial evaluation, not comparable)" if self.limited else ""),
+                 "", "| metric | reported | reproduced | difference | source |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.metric} | {fmt(r.reported)} | {fmt(r.reproduced)} | {fmt(r.difference)} | {r.source} |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "table": self.table()}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("RELZOO_DIST_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend=os.environ.get("RELZOO_DIST_BACKEND", backend))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _compare(metrics: dict[str, float], reported: list[ReportedMetric], dataset: Optional[str]) -> list[MetricRow]:
+    rows = []
+    for metric, value in metrics.items():
+        match = next((r for r in reported if r.metric == metric and (dataset is None or r.dataset == dataset)), None)
+        if match is None:
+            rows.append(MetricRow(metric, value))
+        else:
+            source = match.source + ("" if match.verified else " (unverified)")
+            rows.append(MetricRow(metric, value, match.value, value - match.value, source))
+    return rows
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = 8, workers: int = 0,
+                 device: Union[str, torch.device] = "cpu", progress: bool = True) -> tuple[dict[str, float], int]:
+    """Evaluate ``model`` with ``protocol`` on this process's shard; returns (metrics, num_samples) on
+    rank 0 and ({}, num_samples) elsewhere."""
+    rank, world = _distributed()
+    device = torch.device(device)
+    dataset = protocol.dataset()
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
+        collate_fn=protocol.collate, shuffle=False)
+    model = model.to(device).eval()
+    mine: list = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), unit="sample", desc=f"eval {protocol.name}", dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in loader:
+            predictions = protocol.predict(model, batch, device)
+            mine.extend(predictions)
+            if bar is not None:
+                bar.update(len(predictions))
+    if bar is not None:
+        bar.close()
+    if len(mine) != len(indices):
+        raise RuntimeError(f"protocol '{protocol.name}' returned {len(mine)} predictions for {len(indices)} samples")
+
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(list(zip(indices, mine)), gathered, dst=0)
+        if rank != 0:
+            return {}, len(dataset)
+        ordered = sorted((pair for shard in gathered for pair in shard), key=lambda pair: pair[0])
+        predictions = [p for _, p in ordered]
+    else:
+        predictions = mine
+    return protocol.compute(predictions), len(dataset)
+
+
+def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = None, model: Optional[nn.Module] = None,
+             batch_size: int = 8, workers: int = 0, device: str = "cpu", limit: Optional[int] = None,
+             out: Union[str, Path, None] = None, options: Optional[dict] = None,
+             progress: bool = True) -> Optional[EvalResult]:
+    """``python -m zoo eval``: build the model and protocol from the config, run, compare.
+
+    Args:
+        name: ``model`` or ``model.tag``.
+        data_dir: dataset root in the original on-disk format.
+        weights: weights source overriding the tag (tag, path, URL, ``hf://``).
+        model: an already built model to evaluate instead of building ``name`` (tests, training loops).
+        out: write the result as JSON there, and the markdown table beside it (``.md``).
+        options: overrides of the config's ``eval`` options.
+    Returns the result on rank 0, None on other ranks.
+    """
+    base, tag = split_name(name)
+    cfg: ModelConfig = model_info(base)
+    eval_options = dict(cfg.eval)
+    protocol_name = eval_options.pop("protocol", None)
+    if protocol_name is None:
+        raise ValueError(f"model '{base}' has no evaluation protocol in its config")
+    eval_options.update(options or {})
+    protocol = get_protocol(protocol_name)(Path(data_dir), cfg, eval_options, limit)
+    if model is None:
+        model = create_model(name, pretrained=weights is None, weights=weights)
+
+    start = time.perf_counter()
+    metrics, num_samples = run_protocol(model, protocol, batch_size=batch_size, workers=workers, device=device,
+                                        progress=progress)
+    rank, _ = _distributed()
+    if rank != 0:
+        return None
+    shown = min(num_samples, limit) if limit else num_samples
+    result = EvalResult(model=base, weights=weights or tag or cfg.default_weights, protocol=protocol_name,
+                        dataset=protocol.dataset_name, num_samples=shown, limited=limit is not None,
+                        rows=_compare(metrics, cfg.reported_for(tag), protocol.dataset_name), metrics=metrics)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise RuntimeError(f"non-finite metric from protocol '{protocol_name}': {metrics}")
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out, json.dumps({**result.to_json(), "seconds": time.perf_counter() - start}, indent=2))
+        _write_atomically(out.with_suffix(".md"), result.table() + "\n")
+    return result
