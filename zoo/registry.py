@@ -119,8 +119,6 @@ def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, 
 
     Returns the model; in eval mode when weights were loaded, else as constructed.
     """
-    from zoo import weights as weights_lib
-
     base, tag = split_name(name)
     constructor = model_constructor(base)
     cfg = model_info(base)
@@ -128,6 +126,8 @@ def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, 
 
     kwargs = dict(cfg.kwargs)
     if entry is not None:
+        from zoo import weights as weights_lib
+
         recorded = weights_lib.read_folder_config(entry.source)
         if recorded and recorded.get("model") in (None, base):
             kwargs.update(recorded.get("kwargs") or {})

@@ -58,15 +58,31 @@ class EvalResult:
         return {**asdict(self), "table": self.table()}
 
 
+_we_initialised = False
+
+
 def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+    """(rank, world size), initialising torch.distributed when launched by torchrun.
+
+    The backend is ``$RELZOO_DIST_BACKEND``, else nccl with CUDA and gloo without.
+    """
+    global _we_initialised
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("RELZOO_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=os.environ.get("RELZOO_DIST_BACKEND", backend))
+        default = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=os.environ.get("RELZOO_DIST_BACKEND", default))
+        _we_initialised = True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def finish_distributed() -> None:
+    """Tear down a process group this module started (a process exiting with one alive aborts)."""
+    global _we_initialised
+    if _we_initialised and dist.is_initialized():
+        dist.destroy_process_group()
+    _we_initialised = False
 
 
 def _compare(metrics: dict[str, float], reported: list[ReportedMetric], dataset: Optional[str]) -> list[MetricRow]:
@@ -119,6 +135,7 @@ def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = 8, w
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(list(zip(indices, mine)), gathered, dst=0)
+        dist.barrier()
         if rank != 0:
             return {}, len(dataset)
         ordered = sorted((pair for shard in gathered for pair in shard), key=lambda pair: pair[0])
@@ -155,9 +172,12 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
         model = create_model(name, pretrained=weights is None, weights=weights)
 
     start = time.perf_counter()
-    metrics, num_samples = run_protocol(model, protocol, batch_size=batch_size, workers=workers, device=device,
-                                        progress=progress)
-    rank, _ = _distributed()
+    try:
+        metrics, num_samples = run_protocol(model, protocol, batch_size=batch_size, workers=workers, device=device,
+                                            progress=progress)
+        rank, _ = _distributed()
+    finally:
+        finish_distributed()
     if rank != 0:
         return None
     shown = min(num_samples, limit) if limit else num_samples

@@ -1,0 +1,51 @@
+"""`python -m zoo`: every command has --help; errors are one line and a non-zero exit."""
+import subprocess
+import sys
+
+import pytest
+
+import zoo
+from zoo.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["list", "info", "convert", "export", "predict", "eval"])
+def test_every_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_list_prints_every_model(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in zoo.list_models())
+
+
+def test_info_shows_weights_and_reported_table(capsys):
+    for name in zoo.list_models():
+        assert main(["info", name]) == 0
+    out = capsys.readouterr().out
+    assert "weights" in out and "reported" in out
+
+
+def test_unknown_model_is_one_clear_line():
+    result = run("info", "no_such_model")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown model 'no_such_model'" in result.stderr
+
+
+def test_convert_of_a_missing_file_is_one_clear_line(tmp_path):
+    result = run("convert", "--from", "torchvision-resnet", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o"))
+    assert result.returncode != 0
+    assert "missing.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_model_table_is_generated_from_the_registry():
+    from conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "model_table.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
