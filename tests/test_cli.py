@@ -49,3 +49,21 @@ def test_readme_model_table_is_generated_from_the_registry():
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "model_table.py"), "--check"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_export_writes_a_folder_that_loads_back(tmp_path):
+    import json
+
+    import torch
+
+    out = tmp_path / "exported"
+    assert main(["export", "rpa_cifar_toy", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert json.loads((out / "config.json").read_text())["model"] == "rpa_cifar_toy"
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: relzoo")
+    torch.manual_seed(1)
+    model = zoo.create_model("rpa_cifar_toy", weights=str(out))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
