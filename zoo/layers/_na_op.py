@@ -1,0 +1,207 @@
+"""Neighbourhood attention: the one op behind every SASA layer.
+
+Layout ("heads last", so one head's channels are contiguous for the kernels)::
+
+    q    (B, G, Hq, Wq, D)        queries on the output grid
+    k    (B, G, Hk, Wk, D)        keys on the key grid
+    v    (B, G, Hk, Wk, Dv)       values, or (B, G, Hk, Wk, M, Dv) together with ``mix``
+    rel  (G, K, D) or None        relative key term, K = kh * kw window slots
+    mix  (M, K) or None           value mixture weights per window slot (SASA attention stem)
+    out  (B, G, Hq, Wq, Dv)
+
+For query ``(i, j)`` the window holds key positions ``(sh*i + oh + a, sw*j + ow + b)`` for
+``a < kh, b < kw``; slot ``t = a*kw + b`` (row-major). Slots that fall outside the key grid are
+excluded from the softmax (masked). Zero padding *inside* the softmax is obtained by the caller
+padding ``k``/``v`` and passing a non-negative offset, so all slots are in range.
+
+    logit_t = sum_d q_d * (k_d(t) + rel[g, t, d])       (no 1/sqrt(D) temperature, as in SASA)
+    p       = softmax over the in-range slots
+    out_e   = sum_t p_t * v_e(t)                        (mix: v_e(t) = sum_m mix[m, t] * v[.., m, e])
+
+Two implementations of one definition:
+
+* :func:`neighborhood_attention_reference` — the unfold formulation (every window materialised,
+  ``K`` copies of ``k`` and ``v``); readable, autograd does the backward. It *is* the definition.
+* the native op ``torch.ops.relzoo.neighborhood_attn`` (+ ``_backward``) (``ops/neighborhood_attn/``,
+  C++/OpenMP and CUDA), which keeps only the ``(B, G, Hq, Wq, K)`` probabilities for backward.
+
+:func:`neighborhood_attention` chooses between them through :mod:`zoo.ops`
+(``RELZOO_OPS=reference`` forces the reference).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from zoo import ops
+from zoo.errors import OpsError
+
+OP_NAME = "neighborhood_attn"
+_FWD = "relzoo::neighborhood_attn"
+_BWD = "relzoo::neighborhood_attn_backward"
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(x) for x in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check(q, k, v, rel, mix, kernel_size, stride):
+    """Validate shapes/dtypes; returns (kh, kw, sh, sw, M)."""
+    kh, kw = kernel_size
+    sh, sw = stride
+    if kh < 1 or kw < 1 or sh < 1 or sw < 1:
+        raise ValueError(f"kernel_size and stride must be >= 1, got kernel_size={kernel_size}, stride={stride}")
+    if q.dim() != 5 or k.dim() != 5:
+        raise ValueError(f"q and k must be (B, G, H, W, D), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head width")
+    if mix is None:
+        if v.dim() != 5 or v.shape[:4] != k.shape[:4]:
+            raise ValueError(f"v must be (B, G, Hk, Wk, Dv) matching k {tuple(k.shape)}, got {tuple(v.shape)}")
+        m = 1
+    else:
+        m = mix.shape[0]
+        if mix.dim() != 2 or mix.shape[1] != kh * kw:
+            raise ValueError(f"mix must be (M, kh*kw) = (M, {kh * kw}), got {tuple(mix.shape)}")
+        if v.dim() != 6 or v.shape[:4] != k.shape[:4] or v.shape[4] != m:
+            raise ValueError(f"with mix, v must be (B, G, Hk, Wk, M={m}, Dv) matching k, got {tuple(v.shape)}")
+    if rel is not None and tuple(rel.shape) != (q.shape[1], kh * kw, q.shape[-1]):
+        raise ValueError(f"rel must be (G, kh*kw, D) = {(q.shape[1], kh * kw, q.shape[-1])}, got {tuple(rel.shape)}")
+    tensors = [t for t in (q, k, v, rel, mix) if t is not None]
+    if not all(t.is_floating_point() for t in tensors) or len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"neighborhood attention needs one floating dtype, got {[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
+    return kh, kw, sh, sw, m
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: unfold formulation
+# ----------------------------------------------------------------------------------------------
+
+def _windows(x: torch.Tensor, hq: int, wq: int, kernel, stride, offset):
+    """Gather every window: x (N, C, H, W) -> (N, C, K, hq, wq) plus a validity mask (K, hq, wq).
+
+    Positions outside ``x`` read as 0 and are marked invalid in the mask.
+    """
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, offset
+    n, c, h, w = x.shape
+    # pad so that every window lies inside, then start the grid at the first window's corner
+    top, left = max(0, -oh), max(0, -ow)
+    bottom = max(0, sh * (hq - 1) + oh + kh - h)
+    right = max(0, sw * (wq - 1) + ow + kw - w)
+    ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
+    xp = F.pad(x, (left, right, top, bottom))[:, :, oh + top:, ow + left:]
+    mp = F.pad(ones, (left, right, top, bottom))[:, :, oh + top:, ow + left:]
+    cols = F.unfold(xp, (kh, kw), stride=(sh, sw))  # (N, C*K, L) with L >= hq*wq windows
+    nh = (xp.shape[2] - kh) // sh + 1
+    nw = (xp.shape[3] - kw) // sw + 1
+    cols = cols.view(n, c, kh * kw, nh, nw)[:, :, :, :hq, :wq]
+    mask = F.unfold(mp, (kh, kw), stride=(sh, sw)).view(kh * kw, nh, nw)[:, :hq, :wq] > 0.5
+    return cols, mask
+
+
+def neighborhood_attention_reference(q, k, v, rel=None, mix=None, *, kernel_size, stride=1, offset=0):
+    """Unfold formulation of the op (see module docstring for shapes and semantics)."""
+    kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
+    kh, kw, _, _, m = _check(q, k, v, rel, mix, kernel, stride)
+    b, g, hq, wq, d = q.shape
+    hk, wk = k.shape[2:4]
+    K = kh * kw
+    # (B*G, D, Hk, Wk) -> windows (B*G, D, K, Hq, Wq)
+    kwin, valid = _windows(k.permute(0, 1, 4, 2, 3).reshape(b * g, d, hk, wk), hq, wq, kernel, stride, offset)
+    kwin = kwin.view(b, g, d, K, hq, wq)
+    if rel is not None:
+        kwin = kwin + rel.permute(0, 2, 1).reshape(1, g, d, K, 1, 1)
+    logits = torch.einsum("bgijd,bgdtij->bgijt", q, kwin)
+    logits = logits.masked_fill(~valid.permute(1, 2, 0), float("-inf"))
+    # a query whose window is entirely outside gets all -inf: give it zero weights, not NaN
+    empty = ~valid.any(0)  # (Hq, Wq)
+    if bool(empty.any()):
+        logits = logits.masked_fill(empty[..., None], 0.0)
+    probs = torch.softmax(logits, dim=-1)
+    if bool(empty.any()):
+        probs = probs.masked_fill(empty[..., None], 0.0)
+    dv = v.shape[-1]
+    vflat = v.reshape(b, g, hk, wk, m * dv).permute(0, 1, 4, 2, 3).reshape(b * g, m * dv, hk, wk)
+    vwin, _ = _windows(vflat, hq, wq, kernel, stride, offset)
+    vwin = vwin.view(b, g, m, dv, K, hq, wq)
+    if mix is None:
+        return torch.einsum("bgijt,bgetij->bgije", probs, vwin[:, :, 0])
+    return torch.einsum("bgijt,mt,bgmetij->bgije", probs, mix, vwin)
+
+
+# ----------------------------------------------------------------------------------------------
+# native op: autograd + fake registration on the C++ schema
+# ----------------------------------------------------------------------------------------------
+
+@ops.on_load(OP_NAME)
+def _register_native() -> None:
+    """Fake (meta) kernels for torch.compile and autograd for the C++-defined ops; run once on load."""
+
+    @torch.library.register_fake(_FWD)
+    def _fwd_fake(q, k, v, rel, mix, kernel_size, stride, offset):
+        b, g, hq, wq, _ = q.shape
+        return q.new_empty((b, g, hq, wq, v.shape[-1])), q.new_empty((b, g, hq, wq, kernel_size[0] * kernel_size[1]))
+
+    @torch.library.register_fake(_BWD)
+    def _bwd_fake(grad_out, q, k, v, rel, mix, probs, kernel_size, stride, offset):
+        drel = rel.new_empty(rel.shape) if rel is not None else q.new_empty((0,))
+        dmix = mix.new_empty(mix.shape) if mix is not None else q.new_empty((0,))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drel, dmix
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, rel, mix, kernel_size, stride, offset = inputs
+        ctx.save_for_backward(q, k, v, rel, mix, output[1])
+        ctx.geometry = (kernel_size, stride, offset)
+
+    def backward(ctx, grad_out, _grad_probs):
+        # probs is an auxiliary output saved for backward; its gradient is not supported (always None here)
+        q, k, v, rel, mix, probs = ctx.saved_tensors
+        dq, dk, dv, drel, dmix = torch.ops.relzoo.neighborhood_attn_backward(
+            grad_out.contiguous(), q, k, v, rel, mix, probs, *ctx.geometry)
+        return dq, dk, dv, (drel if rel is not None else None), (dmix if mix is not None else None), None, None, None
+
+    torch.library.register_autograd(_FWD, backward, setup_context=setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _use_native(device_type: str) -> bool:
+    # torch.compile evaluates this once while tracing (it may build the op) and bakes in the answer
+    return ops.native_available(OP_NAME, device_type)
+
+
+def neighborhood_attention(q, k, v, rel=None, mix=None, *, kernel_size, stride=1, offset=0,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """Neighbourhood attention (module docstring), native kernel when available, else the reference.
+
+    ``backend``: None (native when :mod:`zoo.ops` provides it for the device, per ``RELZOO_OPS``),
+    ``"native"`` (an :class:`~zoo.errors.OpsError` when it cannot be built) or ``"reference"``.
+    The native kernels compute in float32/float64; half and bfloat16 inputs run in float32 and are
+    cast back. The native op has no double backward.
+    """
+    kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
+    _check(q, k, v, rel, mix, kernel, stride)
+    if backend not in (None, "native", "reference"):
+        raise ValueError(f"backend must be None, 'native' or 'reference', got {backend!r}")
+    if backend == "native":
+        ops.load(OP_NAME)
+        if not ops.native_available(OP_NAME, q.device):
+            raise OpsError(f"native op '{OP_NAME}' has no kernel for device {q.device} (CPU-only build?)")
+    elif backend == "reference" or not _use_native(q.device.type):
+        return neighborhood_attention_reference(q, k, v, rel, mix, kernel_size=kernel, stride=stride, offset=offset)
+    dtype = q.dtype
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    args = [t.to(compute).contiguous() if t is not None else None for t in (q, k, v, rel, mix)]
+    out, _ = torch.ops.relzoo.neighborhood_attn(*args, list(kernel), list(stride), list(offset))
+    return out.to(dtype)
+
+
+__all__: Sequence[str] = ["neighborhood_attention", "neighborhood_attention_reference", "OP_NAME"]

@@ -1,0 +1,217 @@
+"""DeiT with iRPE (microsoft/Cream ``iRPE/DeiT-with-iRPE``), spec ``irpe.md`` §7.
+
+A timm-0.3.2 ``VisionTransformer`` (the layout DeiT's checkpoints use) whose attention is
+:class:`zoo.layers.irpe.RPEAttention`. Keys: ``cls_token``, ``pos_embed``,
+``patch_embed.proj.*``, ``blocks.{i}.{norm1, attn.qkv, attn.proj, attn.rpe_{q,k,v}, norm2,
+mlp.fc1, mlp.fc2}.*``, ``norm.*``, ``head.*`` — the released checkpoints'
+``checkpoint['model']`` loads through the ``irpe-deit`` conversion (which only unwraps it).
+
+Tokens: 1 class token + (224/16)^2 = 196 patches; iRPE treats the class token as a skip
+token (one extra bucket) and the patches as a 14 x 14 grid. The absolute position
+embedding is kept, as in the original. Lookup tables start at zero (no re-init, unlike DETR).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from zoo.layers.irpe import RPEAttention, get_rpe_config
+from zoo.registry import register_model
+
+__all__ = ["VisionTransformer", "deit_rpe_config"]
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout; (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (training only), with inverted scaling."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 rpe_config=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RPEAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                                 proj_drop=drop, rpe_config=rpe_config)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided conv: (B, 3, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT classifier with iRPE attention in every block (same rpe_config for all).
+
+    Args: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+    qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over
+    blocks), rpe_config (from :func:`zoo.layers.irpe.get_rpe_config` with skip=1, or None).
+    Input (B, 3, img_size, img_size) -> logits (B, num_classes).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, rpe_config=None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, rates[i], rpe_config)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the class token's final (normed) features (B, embed_dim)."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def deit_rpe_config(ratio: float = 1.9, method: str = "product", rpe_on: str = "k"):
+    """The released models' iRPE: contextual, shared heads, skip 1 (class token)."""
+    return get_rpe_config(ratio=ratio, method=method, mode="ctx", shared_head=True, skip=1, rpe_on=rpe_on)
+
+
+_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _deit(size: str, ratio: float, method: str, rpe_on: str, **kwargs) -> VisionTransformer:
+    embed_dim, num_heads = _SIZES[size]
+    kwargs.setdefault("embed_dim", embed_dim)
+    kwargs.setdefault("num_heads", num_heads)
+    if "rpe_config" in kwargs:
+        raise TypeError("this registered model fixes its iRPE; build VisionTransformer(rpe_config=...) for another")
+    return VisionTransformer(patch_size=16, rpe_config=deit_rpe_config(ratio, method, rpe_on), **kwargs)
+
+
+# Released checkpoints (ratio 1.9 product: 7x7 + 1 cls bucket = 50).
+
+@register_model
+def deit_tiny_patch16_224_ctx_product_50_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-Ti + iRPE (product, contextual, shared, on keys)."""
+    return _deit("tiny", 1.9, "product", "k", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (product, contextual, shared, on keys)."""
+    return _deit("small", 1.9, "product", "k", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_qk(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (product, contextual, shared, on queries and keys)."""
+    return _deit("small", 1.9, "product", "qk", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_qkv(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (product, contextual, shared, on queries, keys and values)."""
+    return _deit("small", 1.9, "product", "qkv", **kwargs)
+
+
+@register_model
+def deit_base_patch16_224_ctx_product_50_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-B + iRPE (product, contextual, shared, on keys)."""
+    return _deit("base", 1.9, "product", "k", **kwargs)
+
+
+@register_model
+def deit_base_patch16_224_ctx_product_50_shared_qkv(**kwargs) -> VisionTransformer:
+    """DeiT-B + iRPE (product, contextual, shared, on queries, keys and values)."""
+    return _deit("base", 1.9, "product", "qkv", **kwargs)
+
+
+# Defined by the original without released weights (names count buckets used at 14x14 + cls).
+
+@register_model
+def deit_small_patch16_224_ctx_euc_20_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (euclidean, ratio 20, contextual, shared, on keys); no released weights."""
+    return _deit("small", 20, "euc", "k", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_ctx_quant_51_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (quantized, ratio 33, contextual, shared, on keys); no released weights."""
+    return _deit("small", 33, "quant", "k", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_ctx_cross_56_shared_k(**kwargs) -> VisionTransformer:
+    """DeiT-S + iRPE (cross, ratio 20, contextual, shared, on keys); no released weights."""
+    return _deit("small", 20, "cross", "k", **kwargs)

@@ -1,0 +1,182 @@
+"""Hand-raising detector: Faster R-CNN R50-FPN with a balanced feature pyramid refined by an RPA block.
+
+The static stage of Le et al., "Spatial and Temporal Hand-Raising Recognition from Classroom Videos
+Using Locality, Relative Position-Aware Non-Local Networks and Hand Tracking" (VJCS 2023), as far as
+the sources describe it (spec rpa §7):
+
+* a two-stage detector (here torchvision's Faster R-CNN with a ResNet-50 + FPN backbone; the shared
+  :class:`zoo.models.resnet.ResNet` with frozen BN as the body, torchvision key names);
+* Libra R-CNN's balanced feature pyramid (BFP): the five FPN levels are resized to the refine level
+  (P4, stride 16), averaged, refined by a non-local block and added back to every level;
+* the refine block is :class:`zoo.layers.rpa.MultiheadNonlocal2d` with relative distance
+  (the MAPR 2021 "RDA" model) or relative position (the journal model) awareness, and "locality":
+  a 3x3 embedding conv (padding 0) instead of 1x1;
+* two classes: background and hand-raising.
+
+What is inferred rather than stated (BFP placement, kernel sizes, locality = 3x3 embedding) is listed
+in ``configs/rpa.yaml``. No weights or data were published. The temporal stage (tracking to fill
+missed detections across frames) is not part of this model.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from zoo.layers.rpa import MultiheadNonlocal2d
+from zoo.models.resnet import FrozenBatchNorm2d, ResNet, resnet50_imagenet_source
+from zoo.registry import register_model
+
+_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+
+class BalancedFeaturePyramid(nn.Module):
+    """Libra R-CNN's balanced feature pyramid with a pluggable refine module.
+
+    gather: levels finer than ``refine_level`` are max-pooled (adaptive) to its size, coarser ones
+    upsampled (nearest); the mean of all levels is refined; scatter: the refined map is resized back
+    the reverse way and added to each level (a residual).
+
+    Args:
+        num_levels: number of pyramid levels it expects.
+        refine_level: index of the level whose size the levels are balanced at.
+        refine: module (B, C, h, w) -> (B, C, h, w) applied to the balanced map (identity if None).
+
+    forward: list of ``num_levels`` maps (B, C, H_l, W_l) -> list of the same shapes.
+    """
+
+    def __init__(self, num_levels: int = 5, refine_level: int = 2, refine: Optional[nn.Module] = None):
+        super().__init__()
+        if not 0 <= refine_level < num_levels:
+            raise ValueError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
+        self.num_levels = num_levels
+        self.refine_level = refine_level
+        self.refine = refine if refine is not None else nn.Identity()
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != self.num_levels:
+            raise ValueError(f"BalancedFeaturePyramid expects {self.num_levels} levels, got {len(features)}")
+        size = features[self.refine_level].shape[-2:]
+        gathered = [F.adaptive_max_pool2d(f, size) if i < self.refine_level else F.interpolate(f, size=size, mode="nearest")
+                    for i, f in enumerate(features)]
+        balanced = self.refine(sum(gathered) / len(gathered))
+        return [f + (F.interpolate(balanced, size=f.shape[-2:], mode="nearest") if i < self.refine_level
+                     else F.adaptive_max_pool2d(balanced, f.shape[-2:]))
+                for i, f in enumerate(features)]
+
+
+class ResNetFPNBalancedBackbone(nn.Module):
+    """ResNet-50 body -> FPN (P2-P5 + max-pooled P6, 256 channels) -> balanced feature pyramid.
+
+    forward: (B, 3, H, W) normalised images -> OrderedDict ``'0'..'3', 'pool'`` of (B, 256, H/s, W/s),
+    s = 4, 8, 16, 32, 64 (what torchvision's detection heads expect). State-dict keys: ``body.*``
+    (torchvision ResNet names), ``fpn.*`` (torchvision's FPN), ``bfp.refine.*``.
+    """
+
+    out_channels = 256
+
+    def __init__(self, refine: nn.Module, trainable_layers: int = 5, frozen_bn: bool = True):
+        super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {trainable_layers}")
+        self.body = ResNet(layers=(3, 4, 6, 3), norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+                           num_classes=None)
+        self.fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], self.out_channels, extra_blocks=LastLevelMaxPool())
+        self.bfp = BalancedFeaturePyramid(num_levels=5, refine_level=2, refine=refine)
+        # torchvision's convention: train the last `trainable_layers` of conv1, layer1..layer4.
+        frozen = _STAGES[:5 - trainable_layers]
+        for name, param in self.body.named_parameters():
+            if name.split(".")[0] in frozen or (name.startswith("bn1") and "conv1" in frozen):
+                param.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        x = self.body.forward_stem(x)
+        stages = OrderedDict()
+        for index, layer in enumerate(self.body.stages):
+            x = layer(x)
+            stages[str(index)] = x
+        pyramid = self.fpn(stages)                       # '0', '1', '2', '3', 'pool'
+        return OrderedDict(zip(pyramid.keys(), self.bfp(list(pyramid.values()))))
+
+
+class HandRaiseRCNN(FasterRCNN):
+    """Faster R-CNN R50-FPN + BFP whose refine step is an RPA multi-head non-local block.
+
+    Args:
+        rpa_mode: ``'relative_distance'`` or ``'relative_position'`` (None: the plain non-local BFP of
+            Libra R-CNN).
+        rpa_kernel_size, rpa_interpolation: of the refine block (see MultiheadNonlocal2d).
+        locality: 3x3 embedding conv (padding 0) in the refine block instead of 1x1.
+        num_heads, hidden_channels, use_scale: of the refine block (Libra R-CNN's non-local BFP uses
+            d = 256 channels and no scaling).
+        num_classes: including background (2: background, hand-raising).
+        min_size, max_size: torchvision's resize (shorter side, longer-side cap) before the backbone.
+        pretrained_backbone: start the ResNet-50 from torchvision's ImageNet weights (downloads them).
+        trainable_backbone_layers: 0..5 of conv1, layer1..4 to train (default 3 with a pretrained
+            backbone, else 5, as torchvision).
+        frozen_bn: the backbone's BN layers are frozen (the detection standard when starting from
+            ImageNet weights); False gives trainable BatchNorm2d, better for training from scratch.
+        **detector_kwargs: passed to torchvision's FasterRCNN (rpn_*, box_* thresholds ...).
+
+    Input/output: torchvision's detection API. ``model(images, targets)`` in training mode (images:
+    list of (3, H, W) RGB in [0, 1]; targets: dicts with ``boxes`` (n, 4) xyxy pixels and ``labels``
+    (n,) int64, 1 = hand-raising) returns the loss dict; in eval mode ``model(images)`` returns per
+    image ``{'boxes', 'labels', 'scores'}`` in the input image's pixels.
+    """
+
+    def __init__(self, rpa_mode: Optional[str] = "relative_position", rpa_kernel_size=5,
+                 rpa_interpolation: str = "slerp", locality: bool = True, num_heads: int = 1,
+                 hidden_channels: Optional[int] = None, use_scale: bool = False, num_classes: int = 2,
+                 min_size: int = 800, max_size: int = 1333, pretrained_backbone: bool = False,
+                 trainable_backbone_layers: Optional[int] = None, frozen_bn: bool = True, **detector_kwargs):
+        refine = MultiheadNonlocal2d(
+            ResNetFPNBalancedBackbone.out_channels, hidden_channels=hidden_channels, num_heads=num_heads,
+            kernel_size=3 if locality else 1, use_scale=use_scale, rpa_mode=rpa_mode,
+            rpa_kernel_size=rpa_kernel_size if rpa_mode else None, rpa_interpolation=rpa_interpolation)
+        if trainable_backbone_layers is None:
+            trainable_backbone_layers = 3 if pretrained_backbone else 5
+        backbone = ResNetFPNBalancedBackbone(refine, trainable_backbone_layers, frozen_bn)
+        if pretrained_backbone:
+            from zoo.convert import load_into
+            from zoo.weights import load_state_dict
+
+            entry = resnet50_imagenet_source()
+            load_into(backbone.body, load_state_dict(entry.source, sha256=entry.sha256, converter=entry.converter,
+                                                     model=backbone.body))
+        super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
+        self.locality = locality
+
+    @torch.no_grad()
+    def coco_predictions(self, images: Sequence[torch.Tensor], orig_sizes: torch.Tensor) -> list[dict]:
+        """Detections for COCO evaluation, in the format of DETR's PostProcess.
+
+        images: list of (3, h, w) RGB in [0, 1] (possibly resized by the caller); orig_sizes: (B, 2)
+        (height, width) of the original images. Returns per image ``{'scores' (n,), 'labels' (n,),
+        'boxes' (n, 4) xyxy in original pixels}``; label 1 = hand-raising (its COCO category id).
+        """
+        detections = self(list(images))
+        out = []
+        for det, image, (height, width) in zip(detections, images, orig_sizes.tolist()):
+            scale = det["boxes"].new_tensor([width / image.shape[-1], height / image.shape[-2]] * 2)
+            out.append({"scores": det["scores"], "labels": det["labels"], "boxes": det["boxes"] * scale})
+        return out
+
+
+@register_model
+def handraise_rcnn_r50_fpn_rpa_distance(**kwargs) -> nn.Module:
+    """Hand-raising Faster R-CNN R50-FPN, balanced pyramid refined by a locality + relative-distance non-local block."""
+    kwargs.setdefault("rpa_mode", "relative_distance")
+    return HandRaiseRCNN(**kwargs)
+
+
+@register_model
+def handraise_rcnn_r50_fpn_rpa_position(**kwargs) -> nn.Module:
+    """Hand-raising Faster R-CNN R50-FPN, balanced pyramid refined by a locality + relative-position non-local block."""
+    kwargs.setdefault("rpa_mode", "relative_position")
+    return HandRaiseRCNN(**kwargs)

@@ -1,0 +1,58 @@
+"""The CIFAR-10 toy network of ``inspiros/rpa_sa`` (its tests' ``RelativePositionAwareModel``, spec rpa §7).
+
+The only complete network in the original repository: two small conv stages, each followed by a
+relative-position-aware non-local block and a BatchNorm. No padding anywhere, so a 32x32 input gives
+hidden maps of 14x14 (first block) and 6x6 (second block). Its checkpoints are bare state dicts with the
+same keys as this module (``convert/rpa-toy.yaml``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoo.layers.rpa import MultiheadNonlocal2d
+from zoo.registry import register_model
+
+
+class RpaCifarToy(nn.Module):
+    """conv-BN-ReLU x2, avgpool 2, [non-local + BN], conv-BN-ReLU, avgpool 2, [non-local + BN], GAP, fc.
+
+    Args:
+        num_classes: logits of the final Linear(64, num_classes).
+        rpa_kernel_size: relative_position kernel of both blocks (the original: 7).
+        rpa_interpolation: the original passes ``'lerp'``, which its op silently treated as nearest, so
+            trained weights expect ``'nearest'`` (the default here, same numbers as the fixture).
+        bug_compatible: passed to both blocks (only matters with ``'lerp'``: True makes it nearest).
+
+    Input (B, 3, 32, 32) -> logits (B, num_classes). Other sizes work if both hidden maps stay >= 1.
+    """
+
+    def __init__(self, num_classes: int = 10, rpa_kernel_size: int = 7, rpa_interpolation: str = "nearest",
+                 bug_compatible: bool = False):
+        super().__init__()
+        block = dict(rpa_mode="relative_position", rpa_kernel_size=rpa_kernel_size,
+                     rpa_interpolation=rpa_interpolation, bug_compatible=bug_compatible)
+        # Indices 0..5 / 0..2 are the original's (its state_dict keys are layer1.{0,1,3,4}.*, layer2.{0,1}.*).
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                                    nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.pool1 = nn.AvgPool2d(2)
+        self.nl1 = nn.Sequential(MultiheadNonlocal2d(32, **block), nn.BatchNorm2d(32))
+        self.layer2 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.pool2 = nn.AvgPool2d(2)
+        self.nl2 = nn.Sequential(MultiheadNonlocal2d(64, **block), nn.BatchNorm2d(64))
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> (B, num_classes)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"RpaCifarToy expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
+        x = self.nl1(self.pool1(self.layer1(x)))
+        x = self.nl2(self.pool2(self.layer2(x)))
+        return self.fc(torch.flatten(self.global_pool(x), 1))
+
+
+@register_model
+def rpa_cifar_toy(**kwargs) -> nn.Module:
+    """CIFAR-10 toy classifier of the rpa_sa repository (two relative_position non-local blocks)."""
+    return RpaCifarToy(**kwargs)
