@@ -79,12 +79,25 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _rounded(value, digits: int = 3):
+    """Floats of a JSON-like value rounded, for printing."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def _cmd_predict(args) -> int:
     from zoo.predict import predict
 
-    result = predict(args.name, args.image, args.out, threshold=args.threshold, device=args.device,
-                     weights=args.weights)
-    print(result if isinstance(result, str) else f"wrote {args.out}")
+    predictions = predict(args.name, args.image, args.out, threshold=args.threshold, device=args.device,
+                          weights=args.weights)
+    for prediction in predictions:
+        print(json.dumps(_rounded(prediction)))
+    print(f"wrote {args.out}")
     return 0
 
 
