@@ -104,12 +104,13 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = 8, workers: int = 0,
-                 device: Union[str, torch.device] = "cpu", progress: bool = True) -> tuple[dict[str, float], int]:
+                 device: Union[str, torch.device] = "cpu", progress: bool = True,
+                 dataset=None) -> tuple[dict[str, float], int]:
     """Evaluate ``model`` with ``protocol`` on this process's shard; returns (metrics, num_samples) on
-    rank 0 and ({}, num_samples) elsewhere."""
+    rank 0 and ({}, num_samples) elsewhere. ``dataset``: ``protocol.dataset()`` if already read."""
     rank, world = _distributed()
     device = torch.device(device)
-    dataset = protocol.dataset()
+    dataset = protocol.dataset() if dataset is None else dataset
     indices = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
@@ -168,13 +169,14 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
         raise ValueError(f"model '{base}' has no evaluation protocol in its config")
     eval_options.update(options or {})
     protocol = get_protocol(protocol_name)(Path(data_dir), cfg, eval_options, limit)
+    dataset = protocol.dataset()  # a missing or malformed dataset fails here, before any download
     if model is None:
         model = create_model(name, pretrained=weights is None, weights=weights)
 
     start = time.perf_counter()
     try:
         metrics, num_samples = run_protocol(model, protocol, batch_size=batch_size, workers=workers, device=device,
-                                            progress=progress)
+                                            progress=progress, dataset=dataset)
         rank, _ = _distributed()
     finally:
         finish_distributed()
