@@ -187,9 +187,12 @@ def _reference_block(block: MultiheadNonlocal2d, ops):
 
 # ---------------------------------------------------------------------------------------------------
 
-def _time(fn, x, repeats: int, backward: bool, device: torch.device) -> float:
-    """Best wall time of fn(x) (+ backward of its sum) over ``repeats`` runs after one warm-up."""
-    def once():
+def _time(fns: dict, x, repeats: int, backward: bool, device: torch.device) -> dict:
+    """Best wall time of each fn(x) (+ backward of its sum) over ``repeats`` rounds after one warm-up.
+
+    The candidates take turns within each round, so a load spike on a shared machine hits them alike.
+    """
+    def once(fn):
         if x.grad is not None:
             x.grad = None
         out = fn(x)
@@ -198,12 +201,15 @@ def _time(fn, x, repeats: int, backward: bool, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    once()
-    best = float("inf")
+    best = {}
+    for name, fn in fns.items():
+        once(fn)
+        best[name] = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            once(fn)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -259,9 +265,9 @@ def main(argv=None) -> None:
     for n in threads:
         torch.set_num_threads(n)
         for backward in (False, True):
-            t_ours = _time(ours, x, args.repeats, backward, device)
-            t_plain = _time(plain, x, args.repeats, backward, device)
-            t_ref = _time(reference, x, max(1, args.repeats - 1), backward, device) if reference else float("nan")
+            fns = {"ours": ours, "plain": plain, **({"reference": reference} if reference else {})}
+            times = _time(fns, x, args.repeats, backward, device)
+            t_ours, t_plain, t_ref = times["ours"], times["plain"], times.get("reference", float("nan"))
             print(f"{n:>7} {'fwd+bwd' if backward else 'fwd':>8} {t_ours:>10.4f} {t_ref:>18.4f} {t_plain:>11.4f} "
                   f"{t_ref / t_ours:>10.1f} {t_ours / t_plain:>12.2f}")
     print("goal: orig/ours >= 10 and ours/no rpa <= 2 (forward+backward)")

@@ -105,15 +105,29 @@ def grads(fn, x, index, grad_out):
 
 # ----------------------------------------------------------------------------- loader
 
-def test_first_build_by_two_processes_at_once_then_cached_load(tmp_path):
-    """A fresh cache: two processes start together, one compiles, the other waits for it;
-    then a third loads the cached library without compiling, in well under a second."""
+@pytest.mark.slow
+def test_first_build_by_two_processes_at_once_over_a_broken_cache_then_cached_load(tmp_path, cpu_build):
+    """The cache holds a corrupt build (truncated library), a crashed builder's private folder and
+    its stale lock file. Two processes start loading together: one compiles (announced in one
+    line), the other waits and loads the result; the debris is gone. Then a third process loads
+    the cached library without compiling, in well under a second."""
     ext = tmp_path / "ext"
+    ext.mkdir()
+    built = ext / cpu_folder()
+    shutil.copytree(cpu_build, built)
+    library = next(built.glob("*.so"))
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+    leftover = ext / f"{cpu_folder()}.tmp-999999"
+    leftover.mkdir()
+    (leftover / "lock").write_text("")  # torch's lock file in the crashed build's folder
+    (ext / f"{cpu_folder()}.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "long ago"}))
+
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     racer = textwrap.dedent("""
         import os, time
         from pathlib import Path
+        import torch, zoo.ops
         barrier = Path(os.environ["BARRIER"])  # start loading together
         (barrier / str(os.getpid())).touch()
         while len(list(barrier.iterdir())) < 2:
@@ -131,11 +145,11 @@ def test_first_build_by_two_processes_at_once_then_cached_load(tmp_path):
         results[-1]["stderr"] = err
     stderr = "".join(r["stderr"] for r in results)
     assert all(r["ok"] for r in results)
-    assert results[0]["library"] == results[1]["library"]
+    assert results[0]["library"] == results[1]["library"] == str(built / library.name)
     assert stderr.count(COMPILE_LINE) == 1, stderr             # exactly one build, announced in one line
     assert stderr.count("waiting for another process") == 1, stderr
-    assert [p.name for p in ext.iterdir() if p.is_dir()] == [cpu_folder()]  # no private folders left
-    built = ext / cpu_folder()
+    assert [p.name for p in ext.iterdir() if p.is_dir()] == [cpu_folder()]  # debris and private folders gone
+    assert ops._cached_library(built) == built / library.name
     assert not (built / "lock").exists()                      # torch's lock file never lands in the cache
     manifest = json.loads((built / ops.MANIFEST).read_text())
     assert manifest["build_seconds"] > 0 and manifest["cuda"] is False
@@ -148,37 +162,16 @@ def test_first_build_by_two_processes_at_once_then_cached_load(tmp_path):
     assert (built / "build.ninja").stat().st_mtime_ns == ninja_file_mtime  # ninja was not run again
 
 
-def test_stale_lock_files_do_not_block_a_cached_load(tmp_path, monkeypatch, cpu_build):
-    """Lock files left by killed processes (ours and torch's, which hangs torch 2.13) cost nothing."""
+def test_stale_lock_files_do_not_block_a_cached_load(tmp_path, monkeypatch, capfd, cpu_build):
+    """Lock files left by killed processes (ours, and torch's, on which torch 2.13 hangs) cost nothing."""
     ext = tmp_path / "ext"
     ext.mkdir()
     shutil.copytree(cpu_build, ext / cpu_folder())
-    (ext / cpu_folder() / "lock").write_text("")  # torch's build lock, left by a killed build
+    (ext / cpu_folder() / "lock").write_text("")
     (ext / f"{cpu_folder()}.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "long ago"}))
     monkeypatch.setenv("RELZOO_EXTENSIONS_DIR", str(ext))
-    start = time.perf_counter()
     assert ops.build("rpe_index", cuda=False) == ext / cpu_folder() / "relzoo_rpe_index.so"
-    assert time.perf_counter() - start < 5
-
-
-def test_corrupt_build_and_crashed_leftovers_are_rebuilt(tmp_path, cpu_build):
-    """A truncated library (manifest mismatch) plus a crashed build's private folder: rebuilt cleanly."""
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    folder = ext / cpu_folder()
-    shutil.copytree(cpu_build, folder)
-    library = next(folder.glob("*.so"))
-    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
-    leftover = ext / f"{cpu_folder()}.tmp-999999"
-    leftover.mkdir()
-    (leftover / "lock").write_text("")
-    (ext / f"{cpu_folder()}.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "long ago"}))
-
-    proc = run_python(LOAD_AND_CHECK, ext)
-    assert last_json(proc)["ok"]
-    assert proc.stderr.count(COMPILE_LINE) == 1
-    assert not leftover.exists()
-    assert ops._cached_library(folder) is not None
+    assert COMPILE_LINE not in capfd.readouterr().err
 
 
 def test_waiting_for_a_held_lock_times_out(tmp_path):
@@ -272,6 +265,14 @@ def test_compiler_errors_are_shown_with_a_hint(tmp_path, monkeypatch):
     assert "deliberately broken for the relzoo test" in message and "broken_op.cpp" in message
     assert "hint:" in message
     assert not [p for p in (tmp_path / "ext").iterdir() if p.is_dir()]  # nothing half-built left in the cache
+
+
+def test_a_build_past_its_timeout_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELZOO_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("RELZOO_OPS_BUILD_TIMEOUT", "0.5")  # less than the compiler child needs to start
+    with pytest.raises(OpsError, match="took longer than 0.5 s and was stopped"):
+        ops.build("rpe_index", cuda=False)
+    assert not [p for p in (tmp_path / "ext").iterdir() if p.is_dir()]
 
 
 def test_cuda_toolkit_behind_a_wrapper_script_is_resolved(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from zoo.cli import main as cli_main
 from zoo.convert import convert_checkpoint, load_checkpoint
 from zoo.errors import ConversionError
 from zoo.layers.rga import RGA_Module
+from zoo.models.rga import kwargs_from_checkpoint
 
 
 @contextmanager
@@ -185,8 +186,7 @@ def test_cli_convert_then_create_model_reproduces_the_original_network(cuhk03_ch
     torch.testing.assert_close(eval_output, ref_feat_, rtol=1e-7, atol=1e-7 * ref_feat_.abs().max().item())
 
 
-@pytest.mark.parametrize("name,variant,num_classes", [("rga_sc_resnet50", "rgasc_market1501", 751),
-                                                      ("rga_s_resnet50", "rgas_cuhk03", 767),
+@pytest.mark.parametrize("name,variant,num_classes", [("rga_s_resnet50", "rgas_cuhk03", 767),
                                                       ("rga_c_resnet50", "rgac_cuhk03", 767)])
 def test_other_variants_convert_strictly(tmp_path, name, variant, num_classes):
     src = tmp_path / "checkpoint_320.pth.tar"
@@ -198,6 +198,16 @@ def test_other_variants_convert_strictly(tmp_path, name, variant, num_classes):
     assert {k for k in converted if not k.endswith("num_batches_tracked")} == set(state)
     assert all(torch.equal(converted[k], v) for k, v in state.items())
     assert sum(k.endswith("num_batches_tracked") for k in converted) == _layout(variant)["num_batchnorm_layers"]
+
+
+def test_market1501_checkpoint_gives_751_classes():
+    """A Market-1501 checkpoint differs from a CUHK03 one only in cls.weight (rga_sc_keys.json);
+    the map reads num_classes from it (the full layout is checked in test_rga_model.py)."""
+    cuhk03, market = _layout("rgasc_cuhk03")["state_dict"], _layout("rgasc_market1501")["state_dict"]
+    assert [e for e in cuhk03 if e[0] != "cls.weight"] == [e for e in market if e[0] != "cls.weight"]
+    assert dict((k, s) for k, s, _ in market)["cls.weight"] == [751, 2048]
+    checkpoint = {"state_dict": OrderedDict([("cls.weight", torch.zeros(751, 2048))]), "epoch": 600}
+    assert kwargs_from_checkpoint(checkpoint) == {"num_classes": 751}
 
 
 def test_wrong_variant_is_reported_with_the_model_to_use(tmp_path):

@@ -118,8 +118,15 @@ def _fake_leader_checkpoint(path, variant: str, arch: str) -> dict:
     legacy (non-zip) format of torch 1.0."""
     gen = torch.Generator().manual_seed(0)
     layout = _leader_layouts()["models"][variant]["state_dict"]
-    state = {k: (torch.tensor(7, dtype=torch.int64) if k.endswith("num_batches_tracked")
-                 else torch.rand(shape, generator=gen) + 0.5) for k, shape in layout.items()}
+
+    def value(key, shape):
+        if key.endswith("num_batches_tracked"):
+            return torch.tensor(7, dtype=torch.int64)
+        if key.endswith("running_var"):
+            return torch.rand(shape, generator=gen) + 0.5
+        return torch.randn(shape, generator=gen) * 0.05
+
+    state = {k: value(k, shape) for k, shape in layout.items()}
     checkpoint = {"epoch": 299, "arch": arch, "state_dict": state, "best_acc": 90.94,
                   "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0,
                                                                 "weight_decay": 1e-4, "nesterov": False,

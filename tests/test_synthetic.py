@@ -153,7 +153,8 @@ def test_shapes_reid_is_market1501(tiny):
     assert len(split.query) == counts["query"]
     assert len(split.gallery) == counts["gallery"] - counts["junk"]  # the reader drops junk (-1)
     assert len(read_market1501(root, keep_junk=True).gallery) == counts["gallery"]
-    names = [p.name for folder in ("bounding_box_train", "query", "bounding_box_test") for p in (root / folder).iterdir()]
+    folders = ("bounding_box_train", "query", "bounding_box_test")
+    names = [p.name for folder in folders for p in (root / folder).iterdir()]
     assert all(_MARKET.match(n) for n in names)
     train_pids = {int(n.split("_")[0]) for n in (p.name for p in (root / "bounding_box_train").iterdir())}
     test_pids = {q.pid for q in split.query}
@@ -164,6 +165,9 @@ def test_shapes_reid_is_market1501(tiny):
         assert any(g.pid == q.pid and g.camid != q.camid for g in split.gallery), q
     chance = dataset_info(root)["splits"]["val"]["chance"]
     assert 0 < chance["rank1"] < 50 and 0 < chance["mAP"] < 50
+    reader = _optional("zoo.train", "read_market1501_train")  # the trainer's reader, when present
+    if reader is not None:
+        assert len(reader(root)) == dataset_info(root)["splits"]["train"]["counts"]["images"]
 
 
 def test_expected_random_ap_matches_enumeration():
@@ -192,24 +196,23 @@ def test_moving_shapes_is_something_something_layout(tiny):
             labels.append(int(label))
         assert sorted(labels) == list(range(len(classes)))
     assert info["splits"]["val"]["chance"] == {"top1": 12.5, "top5": 62.5}
+    # the trainer's list reader (helper 'train'), when present, reads the same clips
+    reader = _optional("zoo.train", "read_something_list")
+    if reader is not None:
+        clips = reader(root / "something_train_cluster.txt", root)
+        assert [(Path(c.folder).name, c.label) for c in clips] == \
+               [(line.split(" ")[0].split("/")[1], int(line.split(" ")[2]))
+                for line in (root / "something_train_cluster.txt").read_text().splitlines()]
+
+
+def _optional(module: str, name: str):
+    """``module.name`` when that module (another helper's, maybe not written yet) defines it, else None."""
+    import importlib
+
     try:
-        import zoo.data.ssv as ssv  # noqa: F401  (the family reader, when present)
+        return getattr(importlib.import_module(module), name, None)
     except ModuleNotFoundError:
-        return
-    _read_with_ssv_reader(root)
-
-
-def _read_with_ssv_reader(root: Path):
-    """Read the val list with zoo.data.ssv, whatever its entry point is named (helper 'rsa')."""
-    import zoo.data.ssv as ssv
-
-    for name in ("read_split", "read_video_list", "read_ssv_list", "load_video_list"):
-        reader = getattr(ssv, name, None)
-        if reader is not None:
-            videos = reader(root / "something_val_cluster.txt")
-            assert len(videos) == len(synthetic.VIDEO_CLASSES)
-            return
-    pytest.skip("zoo.data.ssv has no list reader this test knows")
+        return None
 
 
 def test_shapes_cls_is_imagenet_layout(tiny):

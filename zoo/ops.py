@@ -78,6 +78,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -300,7 +301,10 @@ class _BuildLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "_BuildLock":
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:
+            raise OpsError("native ops are built under an fcntl lock, which this platform lacks (POSIX only)") from None
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -448,15 +452,22 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     _ninja_path_env(env)
     timeout = _env_float("RELZOO_OPS_BUILD_TIMEOUT", 1800.0)
     started = time.monotonic()
+    # Own process group, so a timeout or Ctrl-C stops ninja and the compilers too.
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(job)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(job)], env=env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+        output, _ = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         _discard(tmp)
-        raise OpsError(f"building native op '{recipe.name}' took longer than {timeout:.0f} s and was stopped "
-                       f"(RELZOO_OPS_BUILD_TIMEOUT)") from None
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise OpsError(f"building native op '{recipe.name}' took longer than {timeout:g} s and was stopped "
+                           f"(RELZOO_OPS_BUILD_TIMEOUT)") from None
+        raise
     seconds = time.monotonic() - started
-    output = (proc.stdout + proc.stderr).strip()
+    output = output.strip()
     library = tmp / f"{recipe.module}.so"
     if proc.returncode != 0 or not library.exists():
         _discard(tmp)
@@ -574,6 +585,8 @@ def load(name: str, cuda: bool | None = None, *, source_dir: str | Path | None =
         library = _cached_library(root / recipe.folder) or _build_locked(recipe, root)
         try:
             torch.ops.load_library(str(library))
+        except RuntimeError as exc:  # e.g. its ops are already registered by another library
+            raise OpsError(f"native op '{name}': loading {library} failed: {exc}") from exc
         except OSError as exc:
             # A library that passes the manifest check but does not load was built
             # against something that changed underneath it: rebuild once.

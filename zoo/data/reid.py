@@ -42,7 +42,7 @@ __all__ = ["ReidImage", "ReidSplit", "read_cuhk03", "read_market1501", "read_rei
 REID_DATASETS = ("cuhk03_labeled", "cuhk03_detected", "market1501")
 
 _CUHK03_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)\.png$")
-_MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d)s\d+_\d+_\d+\.jpg$")
+_MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d)s\d+_\d+_\d+\.jpg$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -463,11 +463,11 @@ def _draw_student(canvas: _Canvas, rng: np.random.Generator, x: float, y_shoulde
         hr = 0.5 * u
         canvas.ellipse([hand[0] - hr, hand[1] - hr, hand[0] + hr, hand[1] + hr], skin, ident)
     # head (hands on the head stay visible in front of it: redraw them after)
-    hy = y_shoulder - 1.5 * u
+    head_y = y_shoulder - 1.5 * u
     hair = _HAIR[int(rng.integers(len(_HAIR)))]
-    canvas.ellipse([x - u, hy - u, x + u, hy + u], skin)
-    canvas.ellipse([x - u, hy - 1.15 * u, x + u, hy + 0.1 * u], hair)
-    canvas.ellipse([x - 0.8 * u, hy - 0.45 * u, x + 0.8 * u, hy + 0.95 * u], skin)
+    canvas.ellipse([x - u, head_y - u, x + u, head_y + u], skin)
+    canvas.ellipse([x - u, head_y - 1.15 * u, x + u, head_y + 0.1 * u], hair)
+    canvas.ellipse([x - 0.8 * u, head_y - 0.45 * u, x + 0.8 * u, head_y + 0.95 * u], skin)
     for side in (-1, 1):
         if poses[side] in ("head", "chin"):
             hand, hr = hands[side], 0.5 * u
@@ -522,7 +522,7 @@ def make_raised_hands(out: Path, split: str = "all", seed: int = 0, size: str = 
     students; each raises one arm (straight, or bent with the elbow out) with probability 0.32, the
     other arms hang, rest on the desk, point sideways, touch the head or hold the chin (negatives).
     COCO 2017 layout, one category ``{"id": 1, "name": "hand-raising"}``; a box covers the visible
-    pixels of a raised forearm and hand. Images 179-232 x 112-144 px. Default 1500 train / 300 val,
+    pixels of a raised forearm and hand. Images 179-230 x 112-144 px. Default 1500 train / 300 val,
     tiny 10 / 6.
 
     Chance: a detector placing random boxes scores AP ~ 0.
@@ -580,7 +580,8 @@ def _random_person(rng: np.random.Generator) -> _Person:
                    sleeves=str(rng.choice(["long", "short"])), bottom=int(rng.integers(len(_CLOTHES))),
                    bottom_type=str(rng.choice(["trousers", "trousers", "shorts", "skirt"])),
                    hair=int(rng.integers(len(_HAIR))), long_hair=bool(rng.random() < 0.35),
-                   bag=str(rng.choice(["none", "none", "side", "backpack"])), bag_colour=int(rng.integers(len(_CLOTHES))),
+                   bag=str(rng.choice(["none", "none", "side", "backpack"])),
+                   bag_colour=int(rng.integers(len(_CLOTHES))),
                    skin=int(rng.integers(len(_SKIN))), build=_uniform(rng, 0.85, 1.15))
 
 
@@ -764,8 +765,9 @@ def _reid_plan(seed: int, size: str):
         chosen = np.sort(rng.choice(_NUM_CAMERAS, size=int(rng.integers(2, 5)), replace=False)) + 1
         return [(int(c), int(rng.integers(min_per_camera, 5))) for c in chosen]
 
+    # >= 2 images per camera, so every identity has the K >= 4 images a P x K triplet batch wants
     train_shots = [_Shot("bounding_box_train", pid, cam, person)
-                   for pid, person in train for cam, count in cameras_of(1) for _ in range(count)]
+                   for pid, person in train for cam, count in cameras_of(2) for _ in range(count)]
     query, gallery = [], []
     for pid, person in test:
         cams = cameras_of(2)  # >= 2 images per camera: one can be a query, one stays in the gallery
@@ -821,10 +823,10 @@ def make_shapes_reid(out: Path, split: str = "all", seed: int = 0, size: str = "
     Queries: one image per person in up to 2 of its cameras; the gallery holds the rest plus
     distractors (pid ``0000``: other people or background) and junk (pid ``-1``: slivers of test
     people, dropped by the reader). Default 160 train / 160 test people (about 1400 train images,
-    300 queries, 1300 gallery images), tiny 6 / 6.
+    320 queries, 1230 gallery images), tiny 6 / 6.
 
     Chance: a random ranking scores rank-1 = mean over queries of (#matches / #valid gallery) and
-    mAP = the expected AP of a random ranking, about 0.9% and 1.1% for the default test split
+    mAP = the expected AP of a random ranking, about 0.4% and 1.0% for the default test split
     (``synthetic.json`` records the exact numbers of the generated split).
     """
     out = Path(out)
@@ -872,13 +874,12 @@ _VIDEO_FOLDER = "20bn-something-something-v1"
 _VIDEO_LISTS = {"train": "something_train_cluster.txt", "val": "something_val_cluster.txt"}
 _VIDEO_FIRST_ID = {"train": 1, "val": 100001}
 _FRAME_H, _FRAME_W = 72, 96
+_MOVING_SHAPES = ["circle", "square", "triangle", "star", "cross", "arrow", "ell"]
+_ROTATING_SHAPES = ["arrow", "ell", "triangle"]  # no symmetry that hides the turning direction
 
 
 def _video_split(video_id: int) -> str:
     return "val" if video_id >= _VIDEO_FIRST_ID["val"] else "train"
-
-_MOVING_SHAPES = ["circle", "square", "triangle", "star", "cross", "arrow", "ell"]
-_ROTATING_SHAPES = ["arrow", "ell", "triangle"]
 
 
 def _render_clip(rng: np.random.Generator, label: int, num_frames: int) -> np.ndarray:
@@ -897,8 +898,10 @@ def _render_clip(rng: np.random.Generator, label: int, num_frames: int) -> np.nd
     dx, spin, switch = 0.0, 0.0, None
     if label in (0, 1):  # moving left / right
         travel = _uniform(rng, 0.35, 0.55) * w
-        x_start = _uniform(rng, r0 + 2 + travel, w - r0 - 2) if label == 0 else _uniform(rng, r0 + 2, w - r0 - 2 - travel)
-        x0, dx = x_start, -travel if label == 0 else travel
+        if label == 0:
+            x0, dx = _uniform(rng, r0 + 2 + travel, w - r0 - 2), -travel
+        else:
+            x0, dx = _uniform(rng, r0 + 2, w - r0 - 2 - travel), travel
         drift[0] = 0.0
     elif label in (2, 3):  # growing / shrinking
         small, big = _uniform(rng, 4, 7), _uniform(rng, 14, 20)
@@ -945,11 +948,10 @@ def make_moving_shapes(out: Path, split: str = "all", seed: int = 0, size: str =
 
     ``<video_dir>`` is relative to DIR (``20bn-something-something-v1/<id>``); train ids start at 1,
     val ids at 100001. Classes (label order): moving left, moving right, growing, shrinking, rotating
-    clockwise, rotating counter-clockwise, appearing, disappearing: each pair is the same frames in
-    reverse order (a clip played backwards is a valid clip of its partner class), so a model that
-    ignores frame order is at chance within each pair. Every clip has
-    more than 16 frames, so the original's sampling of T <= 16 segments never falls back to
-    repeating the first frame. Default 120 train / 30 val clips per class (1200 clips), tiny 1 / 1.
+    clockwise, rotating counter-clockwise, appearing, disappearing: each pair is the time reversal
+    of the other (a clip played backwards is a valid clip of its partner class), so a model that
+    ignores frame order is at chance within each pair. Every clip has more than 16 frames, so the
+    original's sampling of T <= 16 segments never falls back to repeating the first frame. Default 120 train / 30 val clips per class (1200 clips), tiny 1 / 1.
 
     Chance: top-1 12.5%, top-5 62.5% (8 balanced classes); a frame-order-blind model caps at 50% top-1.
     """
@@ -1090,7 +1092,8 @@ def dataset_info(out: Path) -> dict:
     """The ``synthetic.json`` of a generated folder: kind, and per split its seed, size, counts, chance."""
     marker = Path(out) / MARKER
     if not marker.is_file():
-        raise DatasetError(f"expected {marker} (written by `python -m zoo data make`); {out} is not a synthetic dataset")
+        raise DatasetError(f"expected {marker} (written by `python -m zoo data make`); "
+                           f"{out} is not a synthetic dataset")
     return json.loads(marker.read_text(encoding="utf-8"))
 
 

@@ -16,9 +16,8 @@ match is skipped (it counts in neither numerator nor denominator).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -111,7 +110,7 @@ def cmc(distmat: ArrayLike, query_ids: ArrayLike, gallery_ids: ArrayLike, query_
             continue
         if single_gallery_shot:
             repeat = 10
-            positions_by_id: "OrderedDict[Any, list]" = OrderedDict()
+            positions_by_id: dict = {}  # insertion order = first appearance in the ranked list
             for position in np.flatnonzero(valid):
                 positions_by_id.setdefault(gallery_ids[indices[i, position]], []).append(position)
         else:
@@ -271,8 +270,8 @@ class ReidProtocol(Protocol):
         dataset: ``cuhk03_labeled`` (default), ``cuhk03_detected`` or ``market1501``.
         legacy_sklearn: mAP with scikit-learn 0.18.1's trapezoidal AP (default False: step-wise).
         separate_camera_set, single_gallery_shot, first_match_break: :func:`cmc` options
-            (defaults False, False, True). ``single_gallery_shot`` draws from numpy's global RNG,
-            seeded with ``seed`` (default 0) right before the call.
+            (defaults False, False, True). ``single_gallery_shot`` draws from a
+            ``np.random.RandomState(seed)`` (default seed 0: the draws of ``np.random.seed(0)``).
         keep_junk: keep Market-1501 junk images (pid -1) in the gallery (default False).
         input_size: ``[height, width]`` overriding the config's preprocessing (for models built
             for another size).
@@ -326,7 +325,8 @@ class ReidProtocol(Protocol):
         if features.dim() != 2 or features.shape[0] != len(metas):
             raise ValueError(f"reid protocol: expected features [{len(metas)}, D], got {tuple(features.shape)}")
         features = features.float().cpu()
-        return [(feature, meta) for feature, meta in zip(features, metas)]
+        # clone: a row view would pickle the whole batch's storage when gathered across processes
+        return [(feature.clone(), meta) for feature, meta in zip(features, metas)]
 
     def compute(self, predictions: list) -> dict[str, float]:
         query = [(f, m) for f, m in predictions if m[0]]
@@ -338,11 +338,11 @@ class ReidProtocol(Protocol):
         query_ids, query_cams, gallery_ids, gallery_cams = ids_cams
         args = (distmat.numpy(), query_ids, gallery_ids, query_cams, gallery_cams)
         opts = self.options
-        if opts.get("single_gallery_shot"):
-            np.random.seed(int(opts.get("seed", 0)))
+        # the same draws as np.random.seed(seed) before the original's call, without touching numpy's global RNG
+        rng = np.random.RandomState(int(opts.get("seed", 0)))
         curve = cmc(*args, topk=100, separate_camera_set=bool(opts.get("separate_camera_set", False)),
                     single_gallery_shot=bool(opts.get("single_gallery_shot", False)),
-                    first_match_break=bool(opts.get("first_match_break", True)))
+                    first_match_break=bool(opts.get("first_match_break", True)), rng=rng)
         m_ap = mean_ap(*args, legacy_sklearn=bool(opts.get("legacy_sklearn", False)))
         return {"rank1": 100 * float(curve[0]), "rank5": 100 * float(curve[4]), "rank10": 100 * float(curve[9]),
                 "mAP": 100 * m_ap}

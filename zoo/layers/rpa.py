@@ -227,7 +227,7 @@ def _relative_map(mode: str, method: str, rpa_kernel: tuple[int, ...], sizes: tu
 def _rp_pad2d(kernel: Sequence[int], sizes: Sequence[int], legacy: bool) -> tuple[int, int, int, int]:
     """(left, right, up, down) that grows a kh x kw kernel into the (2H-1) x (2W-1) table.
 
-    ``legacy``: the original module's order (p_H, p_H, p_W, p_W), wrong for H != W (spec §2.2).
+    ``legacy``: the original module's order (p_H, p_H, p_W, p_W), wrong whenever p_H != p_W (spec §2.2).
     Negative values crop the kernel (hidden map smaller than the kernel).
     """
     p_h = sizes[0] - kernel[0] // 2 - 1
@@ -422,8 +422,8 @@ def rotative_pad2d(input: torch.Tensor, pad: Sequence[int], interpolation: str =
         raise ValueError(f"rotative_pad2d: input must be a floating (B, C, K) tensor, got {tuple(input.shape)} "
                          f"{input.dtype}")
     out_shape = (1 + up + down, 1 + left + right)
-    if min(out_shape) < 1 or min(up, left) < 0:
-        raise ValueError(f"rotative_pad2d: pad {pad} gives an empty table or a centre outside it")
+    if min(out_shape) < 1:
+        raise ValueError(f"rotative_pad2d: pad {pad} gives an empty table")
     m = _radial_map_cached(out_shape, (up, left), input.shape[-1], method, input.dtype, input.device)
     return (input @ m.T).reshape(*input.shape[:2], *out_shape)
 

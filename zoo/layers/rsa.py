@@ -207,6 +207,11 @@ class _RSAChunkedFunction(torch.autograd.Function):
         return dq, dk, dv, dH1, dH2, dG, dP1, dI, None, None
 
 
+# The per-position contractions below run over the small channel axes (8-64 long) with P (all
+# positions) as the innermost, contiguous axis. They are written as short loops of in-place
+# ``addcmul_`` on channel-major tensors, which is about twice as fast on CPU as moving every
+# tensor to position-major layout for ``bmm`` and back, and needs no extra memory.
+
 def _kernel_forward(q: Tensor, k: Optional[Tensor], H1: Optional[Tensor], P1: Optional[Tensor],
                     dims: RSADims, kc: int) -> Tensor:
     """κ (n, nh, dd, P) of one sample slice; q (n, nh, dk, T, H, W), k (n, dk, T, H, W)."""
@@ -214,11 +219,12 @@ def _kernel_forward(q: Tensor, k: Optional[Tensor], H1: Optional[Tensor], P1: Op
     q = q.reshape(n, nh, dk, -1)
     if not dims.relational_kernel:
         return q  # 'V': the normalised query is the kernel (dd == dk)
-    kappa = None
+    kappa = q.new_zeros(n, nh, dims.dd, q.shape[-1])
     for sc in _slices(dk, kc):
         r = _relational_kernel(k[:, sc], H1, P1, sc, dims)  # (n, c, dd, P)
-        part = torch.einsum("nhcp,ncjp->nhjp", q[:, :, sc], r)
-        kappa = part if kappa is None else kappa.add_(part)
+        for i, c in enumerate(range(sc.start, sc.stop)):  # κ[h, j] += q[h, c] R[c, j]
+            kappa.addcmul_(q[:, :, c, None], r[:, None, i])
+        del r
     return kappa
 
 
@@ -245,18 +251,27 @@ def _context(v: Tensor, w_ctx: Tensor, I: Optional[Tensor], sv: slice, dims: RSA
     return y
 
 
+def _mix_kernel(kappa: Tensor, e: Tensor) -> Tensor:
+    """A[h, v] = Σ_j κ[h, j] E[v, j]: κ (n, nh, dd, P), E (n, c, dd, P) -> (n, nh, c, P)."""
+    a = kappa.new_zeros(kappa.shape[0], kappa.shape[1], e.shape[1], kappa.shape[-1])
+    for j in range(kappa.shape[2]):
+        a.addcmul_(kappa[:, :, j, None], e[:, None, :, j])
+    return a
+
+
 def _context_forward(kappa: Tensor, v: Tensor, w_ctx: Tensor, I: Optional[Tensor], dims: RSADims,
                      vc: int) -> Tensor:
-    """O (n, dv, nh, P) = Σ_v Γ[v, u] A[h, v] with A[h, v] = Σ_j κ[h, j] E[v, j]."""
+    """O (n, dv, nh, P) = Σ_v Γ[v, u] A[h, v] ('V' context: O[u, h] = A[h, u])."""
     n, dd = v.shape[0], dims.dd
     out = kappa.new_zeros(n, dims.dv, dims.nh, kappa.shape[-1])
     for sv in _slices(dims.dv, vc):
         y = _context(v[:, sv], w_ctx, I, sv, dims)
-        a = torch.einsum("nhjp,nvjp->nhvp", kappa, y[:, :, :dd])  # (n, nh, c, P)
+        a = _mix_kernel(kappa, y[:, :, :dd])  # (n, nh, c, P)
         if dims.relational_context:
-            out += torch.einsum("nvup,nhvp->nuhp", y[:, :, dd:], a)
+            for i in range(a.shape[2]):  # O[u, h] += Γ[v, u] A[h, v]
+                out.addcmul_(y[:, i, dd:, None], a[:, None, :, i])
         else:
-            out[:, sv] = a.transpose(1, 2)  # F = E: O[u, h] = A[h, u]
+            out[:, sv] = a.transpose(1, 2)
         del y, a
     return out
 
@@ -270,23 +285,28 @@ def _context_backward(kappa: Tensor, v: Tensor, w_ctx: Tensor, I: Optional[Tenso
     have been used, so a slice holds one such tensor at a time.
     """
     dkappa = torch.zeros_like(kappa)
-    m, dd = w_ctx.shape[0], dims.dd
+    m, dd, nh = w_ctx.shape[0], dims.dd, dims.nh
     for sv in _slices(dims.dv, vc):
         vs = v[:, sv]
         n, c = vs.shape[:2]
         y = _context(vs, w_ctx, I, sv, dims)
         e, gam = y[:, :, :dd], y[:, :, dd:]
         if dims.relational_context:
-            a = torch.einsum("nhjp,nvjp->nhvp", kappa, e)
-            da = torch.einsum("nvup,nuhp->nhvp", gam, grad_out)
+            a = _mix_kernel(kappa, e)
+            da = kappa.new_zeros(n, nh, c, kappa.shape[-1])
+            for u in range(dims.dv):  # dA[h, v] = Σ_u Γ[v, u] dO[u, h]
+                da.addcmul_(gam[:, None, :, u], grad_out[:, u, :, None])
         else:
             a, da = None, grad_out[:, sv].transpose(1, 2)  # (n, nh, c, P)
-        dkappa += torch.einsum("nhvp,nvjp->nhjp", da, e)
-        if a is not None:
-            gam.copy_(torch.einsum("nhvp,nuhp->nvup", a, grad_out))  # dΓ
-            if dI is not None:
-                dI[0, sv] += gam.sum((0, 3))
-        e.copy_(torch.einsum("nhvp,nhjp->nvjp", da, kappa))  # dE
+        for i in range(c):  # dκ[h, j] += dA[h, v] E[v, j]
+            dkappa.addcmul_(da[:, :, i, None], e[:, None, i])
+        y.zero_()  # E and Γ are used up: y now accumulates [dE | dΓ]
+        for h in range(nh):
+            e.addcmul_(da[:, h, :, None], kappa[:, None, h])  # dE[v, j] = Σ_h dA[h, v] κ[h, j]
+            if a is not None:
+                gam.addcmul_(a[:, h, :, None], grad_out[:, None, :, h])  # dΓ[v, u] = Σ_h A[h, v] dO[u, h]
+        if dI is not None:
+            dI[0, sv] += gam.sum((0, 3))
         del a, da, e, gam
         # Grouped form (groups = value channels, filter bank repeated per group) for the conv
         # backward: the same maths as the folded conv, a much faster input gradient on CPU.
@@ -310,17 +330,21 @@ def _kernel_backward(q: Tensor, k: Tensor, H1: Tensor, P1: Optional[Tensor], dka
     for sc in _slices(dk, kc):
         ks = k[:, sc]
         c = ks.shape[1]
-        r = _relational_kernel(ks, H1, P1, sc, dims)
-        dqf[:, :, sc] = torch.einsum("nhjp,ncjp->nhcp", dkappa, r)
-        del r
-        dr = torch.einsum("nhcp,nhjp->ncjp", qf[:, :, sc], dkappa)  # (n, c, dd, P)
+        r = _relational_kernel(ks, H1, P1, sc, dims)  # (n, c, dd, P)
+        dqs = dqf[:, :, sc]
+        dqs.zero_()
+        for j in range(dd):  # dq[h, c] = Σ_j dκ[h, j] R[c, j]
+            dqs.addcmul_(dkappa[:, :, j, None], r[:, None, :, j])
+        dr = r.zero_()  # R is used up: reuse its memory for dR[c, j] = Σ_h q[h, c] dκ[h, j]
+        for h in range(nh):
+            dr.addcmul_(qf[:, h, sc, None], dkappa[:, None, h])
         if dP1 is not None:
             dP1[0, sc] += dr.sum((0, 3))
         wsl = slice(sc.start * dd, sc.stop * dd)
         dks, dw = torch.ops.aten.convolution_backward(
-            dr.reshape(n, c * dd, *ks.shape[2:]), ks, H1[wsl], None,
+            dr.view(n, c * dd, *ks.shape[2:]), ks, H1[wsl], None,
             (1, 1, 1), dims.padding, (1, 1, 1), False, (0, 0, 0), c, (True, True, False))[:2]
-        del dr
+        del r, dr
         dk_out[:, sc] = dks
         dH1[wsl] += dw
 

@@ -141,12 +141,12 @@ class RelativeSelfAttention(nn.Module):
 # leaderj1001
 # ------------------------------------------------------------------------------------------------
 
-def _leader_geometry(layer: nn.Module, x: torch.Tensor):
-    """Shared checks of AttentionConv/AttentionStem: output (ceil(H/s), ceil(W/s)), window from s*i - P."""
+def _leader_geometry(layer: nn.Module) -> None:
+    """Constructor checks shared by AttentionConv/AttentionStem (queries at s*i, windows from row s*i - padding)."""
     k, s, p = layer.kernel_size, layer.stride, layer.padding
     if 2 * p < k - 1:
         raise ValueError(
-            f"{type(layer).__name__}: padding={p} is too small for kernel_size={k} (need padding >= {(k - 1 + 1) // 2}); "
+            f"{type(layer).__name__}: padding={p} is too small for kernel_size={k} (need padding >= {k // 2}); "
             "the original fails on this configuration too")
     if layer.bug_compatible and s != 1:
         raise ValueError(f"{type(layer).__name__}(bug_compatible=True): stride={s} is not supported by the original "
@@ -177,6 +177,7 @@ class AttentionConv(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.bug_compatible = bug_compatible
+        _leader_geometry(self)
         self.rel_h = nn.Parameter(torch.randn(out_channels // 2, 1, 1, kernel_size, 1))
         self.rel_w = nn.Parameter(torch.randn(out_channels // 2, 1, 1, 1, kernel_size))
         self.key_conv = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
@@ -194,7 +195,6 @@ class AttentionConv(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         _check_input(x, self.in_channels, type(self).__name__)
-        _leader_geometry(self, x)
         s, p = self.stride, self.padding
         q = self.query_conv(x[:, :, ::s, ::s])
         xp = F.pad(x, (p, p, p, p))  # padding BEFORE the convs: padded keys/values = bias
@@ -231,6 +231,7 @@ class AttentionStem(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups, self.m = kernel_size, stride, padding, groups, m
         self.bug_compatible = bug_compatible
+        _leader_geometry(self)
         self.emb_a = nn.Parameter(torch.randn(out_channels // groups, kernel_size))
         self.emb_b = nn.Parameter(torch.randn(out_channels // groups, kernel_size))
         self.emb_mix = nn.Parameter(torch.randn(m, out_channels // groups))
@@ -247,7 +248,6 @@ class AttentionStem(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         _check_input(x, self.in_channels, type(self).__name__)
-        _leader_geometry(self, x)
         s, p = self.stride, self.padding
         heads = self.out_channels if self.bug_compatible else self.groups
         q = _heads_last(self.query_conv(x[:, :, ::s, ::s]), heads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from zoo.layers.rga import RGA_Module
