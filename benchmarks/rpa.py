@@ -6,7 +6,7 @@
     python benchmarks/rpa.py --device cuda --flat-iters 1000   # on a GPU: ours vs no-rpa, and the time per
                                         # window of training iterations (the original slowed down over time)
 
-Rows (same block weights, same input, measured in the same run, best of --repeats):
+Columns (same block weights, same input, measured in the same run, median of --repeats, Markdown table):
 
 * ``ours``: zoo.layers.rpa.MultiheadNonlocal2d (plain tensor ops, spec §5).
 * ``original algorithm``: the original's CPU op algorithm as spec §4/§5 describes it, compiled here
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ def _reference_block(block: MultiheadNonlocal2d, ops):
 # ---------------------------------------------------------------------------------------------------
 
 def _time(fns: dict, x, repeats: int, backward: bool, device: torch.device) -> dict:
-    """Best wall time of each fn(x) (+ backward of its sum) over ``repeats`` rounds after one warm-up.
+    """Median wall time of each fn(x) (+ backward of its sum) over ``repeats`` rounds after one warm-up.
 
     The candidates take turns within each round, so a load spike on a shared machine hits them alike.
     """
@@ -201,16 +202,15 @@ def _time(fns: dict, x, repeats: int, backward: bool, device: torch.device) -> d
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    best = {}
-    for name, fn in fns.items():
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
         once(fn)
-        best[name] = float("inf")
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             once(fn)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv=None) -> None:
@@ -224,14 +224,14 @@ def main(argv=None) -> None:
     parser.add_argument("--interpolation", default="slerp")
     parser.add_argument("--rpa-kernel-size", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=(1, 2))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the original-algorithm rows")
     parser.add_argument("--flat-iters", type=int, default=0,
                         help="also run this many training iterations of ours and print the time per window")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.channels, args.size, args.repeats = 1, 32, (16, 16), 2
+        args.batch, args.channels, args.size, args.repeats = 1, 32, (16, 16), 3
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -256,11 +256,10 @@ def main(argv=None) -> None:
 
     print(f"MultiheadNonlocal2d({args.channels}, num_heads={args.heads}, rpa_mode={args.mode!r}, "
           f"rpa_kernel_size={args.rpa_kernel_size}, rpa_interpolation={args.interpolation!r}), "
-          f"input {args.batch}x{args.channels}x{args.size[0]}x{args.size[1]}, device {device}, best of {args.repeats}")
-    header = f"{'threads':>7} {'pass':>8} {'ours [s]':>10} {'original alg. [s]':>18} {'no rpa [s]':>11} " \
-             f"{'orig/ours':>10} {'ours/no rpa':>12}"
-    print(header)
-    print("-" * len(header))
+          f"input {args.batch}x{args.channels}x{args.size[0]}x{args.size[1]}, device {device}, "
+          f"median of {args.repeats}\n")
+    print("| threads | pass | ours [s] | original algorithm [s] | no relative terms [s] | original / ours | ours / no rpa |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     threads = args.threads if device.type == "cpu" else (torch.get_num_threads(),)
     for n in threads:
         torch.set_num_threads(n)
@@ -268,9 +267,9 @@ def main(argv=None) -> None:
             fns = {"ours": ours, "plain": plain, **({"reference": reference} if reference else {})}
             times = _time(fns, x, args.repeats, backward, device)
             t_ours, t_plain, t_ref = times["ours"], times["plain"], times.get("reference", float("nan"))
-            print(f"{n:>7} {'fwd+bwd' if backward else 'fwd':>8} {t_ours:>10.4f} {t_ref:>18.4f} {t_plain:>11.4f} "
-                  f"{t_ref / t_ours:>10.1f} {t_ours / t_plain:>12.2f}")
-    print("goal: orig/ours >= 10 and ours/no rpa <= 2 (forward+backward)")
+            print(f"| {n} | {'fwd+bwd' if backward else 'fwd'} | {t_ours:.4f} | {t_ref:.4f} | {t_plain:.4f} | "
+                  f"{t_ref / t_ours:.1f} | {t_ours / t_plain:.2f} |")
+    print("\ngoal (issue 8, forward+backward): original / ours >= 10, ours / no rpa <= 2")
 
     if args.flat_iters:
         optimizer = torch.optim.SGD(ours.parameters(), lr=1e-4)

@@ -57,6 +57,22 @@ def test_native_equals_reference_float64(native, case):
         torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_kernel_equals_reference(native, case):
+    b, g, hq, wq, hk, wk, d, dv, kernel, stride, offset, m, rel = CASES[case]
+    inputs = [t.detach().cuda().requires_grad_(True) if t is not None else None
+              for t in _inputs(b, g, hq, wq, hk, wk, d, dv, kernel, m, rel)]
+    kwargs = dict(kernel_size=kernel, stride=stride, offset=offset)
+    ref = neighborhood_attention_reference(*inputs, **kwargs)
+    out = neighborhood_attention(*inputs, backend="native", **kwargs)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    grad = torch.randn_like(ref)
+    leaves = [t for t in inputs if t is not None]
+    for a, e in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-10)
+
+
 def test_windows_entirely_outside_give_zero(native):
     # offset (-3, 0), stride 2, 2x2 windows on a 4x4 grid: query row 0 sees rows -3, -2 only
     q, k, v, rel, mix = _inputs(1, 1, 4, 4, 4, 4, 2, 3, (2, 2), rel=True)

@@ -568,7 +568,7 @@ def read_something_list(list_file: Path, root: Path) -> list[_Clip]:
 class VideoTask(TrainTask):
     """Video classification on Something-Something frame folders (spec rsa §2.3, §4).
 
-    Clips: ``T`` = ``num_segments`` frames (model kwarg, or preprocessing ``num_segments``; default
+    Clips: ``T`` = ``num_segments`` frames (model kwarg, or preprocessing ``num_frames``; default
     8) by the original's training sampling (avg = n // T; index_i = i * avg + U{0..avg-1}, or all
     the first frame when n < T), frames ``img_{:05d}.jpg`` 1-based. Each frame is resized to
     preprocessing ``resize`` [H, W] (default input_size / 0.875), the same random ``input_size``
@@ -583,6 +583,8 @@ class VideoTask(TrainTask):
         super().__init__(data_dir, **kwargs)
         name = self.options.get("train_list")
         candidates = [name] if name else list(_SS_TRAIN_LISTS)
+        if self.options.get("dataset") == "ssv2":
+            candidates.reverse()  # an SSv2 folder may hold both lists
         for candidate in candidates:
             if (self.data_dir / candidate).is_file():
                 self.list_file = self.data_dir / candidate
@@ -680,7 +682,7 @@ def build_task(model: nn.Module, model_config, data_dir: Union[str, Path], *, ba
     if protocol == "imagenet":
         return ClassificationTask(Path(data_dir), **common)
     if protocol == "ssv":
-        segments = model_kwargs.get("num_segments", pre.get("num_segments", 8))
+        segments = model_kwargs.get("num_segments", pre.get("num_segments", pre.get("num_frames", 8)))
         return VideoTask(Path(data_dir), num_segments=int(segments), **common)
     raise ValueError(f"model '{model_config.name}' has eval protocol {protocol!r}; `zoo train` knows "
                      "coco (detection), reid, imagenet (classification) and ssv (video)")

@@ -12,6 +12,7 @@
 Every neighbourhood layer computes its 1x1 projections and calls one op,
 :func:`zoo.layers._na_op.neighborhood_attention` (native kernel, or the unfold formulation as the
 reference). Layers differ only in how they lay out heads, the relative table and the padding.
+Their ``forward(x, backend=None)`` accepts ``backend='native' | 'reference'`` to force one path.
 
 ``bug_compatible`` (all three drop-in layers): the default is correct behaviour; ``True`` reproduces
 the original's defects exactly, which is what weights trained with them need:
