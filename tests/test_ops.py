@@ -9,14 +9,12 @@ cache; deselect with ``-m "not cuda_build"``); tests on a GPU run only where one
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -295,10 +293,12 @@ def test_cuda_toolkit_behind_a_wrapper_script_is_resolved(tmp_path, monkeypatch)
 @pytest.mark.cuda_build
 def test_cuda_sources_compile_without_a_gpu(tmp_path):
     """The .cu kernels compile through the same loader (no GPU needed) and register CUDA kernels."""
+    # RELZOO_REQUIRE_CUDA_BUILD=1 (CI) turns a missing toolchain into a failure instead of a skip.
+    missing = pytest.fail if os.environ.get("RELZOO_REQUIRE_CUDA_BUILD") == "1" else pytest.skip
     if torch.version.cuda is None:
-        pytest.skip(f"torch {torch.__version__} has no CUDA support, so .cu sources cannot be compiled")
+        missing(f"torch {torch.__version__} has no CUDA support, so .cu sources cannot be compiled")
     if ops.cuda_toolkit_home() is None:
-        pytest.skip("no CUDA toolkit (nvcc) found: set CUDA_HOME or put nvcc on PATH")
+        missing("no CUDA toolkit (nvcc) found: set CUDA_HOME or put nvcc on PATH")
     library = ops.build("rpe_index", cuda=True)
     proc = run_python(f"""
         import torch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import load_case
-from zoo.layers.rsa import RSA, RSADims, _l2norm, rsa_core_chunked, rsa_core_reference
+from zoo.layers.rsa import RSA, RSADims, rsa_core_chunked, rsa_core_reference
 from zoo.models.resnet import ResNet
 
 LAYER_CASES = ["rsa_l3_VplusR_VplusR", "rsa_l2ch_V_V", "rsa_R_VplusR_stride2"]
@@ -32,8 +32,10 @@ def _run_case(module, meta, tensors):
     torch.testing.assert_close(x.grad, tensors["grad_input"], rtol=1e-4, atol=tol["grad_input"]["atol"])
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
-@pytest.mark.parametrize("case", LAYER_CASES)
+# The reference formulation at layer3 size takes several times longer (it is what the chunked one
+# improves on); it is held equal to the chunked one on every type in test_chunked_equals_reference_*.
+@pytest.mark.parametrize("case,impl", [(c, i) for c in LAYER_CASES for i in ("chunked", "reference")
+                                       if (c, i) != ("rsa_l3_VplusR_VplusR", "reference")])
 def test_layer_matches_original(case, impl):
     meta, tensors = load_case("rsa", case)
     layer = RSA(**meta["constructor_args"], impl=impl)
@@ -105,9 +107,7 @@ def test_chunked_equals_reference_all_types(kernel_type, feat_type):
     dd = 3 if kernel_type != "V" else 4  # dd != dk where allowed
     dims = RSADims(nh=2, dk=4, dv=4, dd=dd, kernel_size=(3, 3, 5), kernel_type=kernel_type, feat_type=feat_type)
     args = _random_inputs(dims, 3, 3, 4, 5, torch.float64)
-    q, k, v = args[:3]
-    q, v = _l2norm(q, 2), _l2norm(v, 1)
-    k = _l2norm(k, 1) if k is not None else None
+    q, k, v = args[:3]  # the core needs no normalised inputs to be compared
     ref = rsa_core_reference(q, k, v, *args[3:], dims)
     upstream = torch.randn_like(ref)
     leaves = [a for a in args if a is not None]

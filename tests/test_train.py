@@ -194,8 +194,8 @@ def test_errors_name_the_problem(data, tmp_path):
         train(f"{name}.some_tag", data("shapes-cls"), tmp_path / "x", epochs=1, batch_size=4, lr=1e-3)
     with pytest.raises(ValueError, match="eval protocol"):
         train("rpa_cifar_toy", data("shapes-cls"), tmp_path / "x", epochs=1, batch_size=4, lr=1e-3, log=None)
+    name_r, kwargs_r, _ = REID
     with pytest.raises(DatasetError, match="bounding_box_train"):
-        name_r, kwargs_r, _ = REID
         build_task(zoo.create_model(name_r, **kwargs_r), model_info(name_r), data("shapes-cls"), batch_size=8,
                    model_kwargs=kwargs_r)
 

@@ -119,8 +119,8 @@ def _size_pair(value, name: str) -> tuple[int, int]:
 class TrainTask:
     """Training data and loss of one family.
 
-    Subclasses read the train split in ``__init__`` and implement :meth:`batch` (samples -> one
-    batch) and :meth:`loss`. ``batches(epoch)`` yields the epoch's batches in a seeded order;
+    Subclasses read the train split in ``__init__`` and implement ``__len__``, :meth:`sample`
+    (one augmented sample), :meth:`collate` (samples -> one batch) and :meth:`loss`. ``batches(epoch)`` yields the epoch's batches in a seeded order;
     the same (seed, epoch) always gives the same batches, augmentation included.
     """
 
@@ -598,6 +598,11 @@ class VideoTask(TrainTask):
         self.height, self.width = _size_pair(self.preprocessing.get("input_size", (224, 224)), "input_size")
         default_resize = [math.floor(self.height / 0.875), math.floor(self.width / 0.875)]
         self.resize = _size_pair(self.preprocessing.get("resize", default_resize), "resize")
+        if self.resize[0] < self.height or self.resize[1] < self.width:
+            raise ValueError(f"preprocessing resize {list(self.resize)} must be at least input_size "
+                             f"{[self.height, self.width]} (the crop is taken from the resized frames)")
+        if self.num_segments < 1:
+            raise ValueError(f"num_segments must be a positive int, got {self.num_segments}")
         self.mean = tuple(self.preprocessing.get("mean", IMAGENET_MEAN))
         self.std = tuple(self.preprocessing.get("std", IMAGENET_STD))
         self.prefix = str(self.preprocessing.get("frame_prefix", "img_"))
@@ -666,14 +671,15 @@ def build_task(model: nn.Module, model_config, data_dir: Union[str, Path], *, ba
     protocol = options.pop("protocol", None)
     pre = {**(model_config.preprocessing or {}), **(preprocessing or {})}
     model_kwargs = dict(model_kwargs or {})
+    if protocol == "reid" and "height" in model_kwargs and "width" in model_kwargs \
+            and "input_size" not in (preprocessing or {}):
+        # the RGA modules are built for one size: train at the size the model was built for
+        pre["input_size"] = [model_kwargs["height"], model_kwargs["width"]]
     common = dict(batch_size=batch_size, seed=seed, limit=limit, preprocessing=pre, options=options)
     if protocol == "coco":
         task_cls = TorchvisionDetectionTask if _is_torchvision_detector(model) else DetrTask
         return task_cls(Path(data_dir), **common)
     if protocol == "reid":
-        if "height" in model_kwargs and "width" in model_kwargs and "input_size" not in (preprocessing or {}):
-            # the RGA modules are built for one size: train at the size the model was built for
-            pre["input_size"] = [model_kwargs["height"], model_kwargs["width"]]
         task = ReidTask(Path(data_dir), num_instances=num_instances, **common)
         if "height" in model_kwargs and (task.height, task.width) != (model_kwargs["height"], model_kwargs.get("width")):
             raise ValueError(f"re-id input_size {[task.height, task.width]} differs from the model's "
