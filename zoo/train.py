@@ -120,8 +120,9 @@ class TrainTask:
     """Training data and loss of one family.
 
     Subclasses read the train split in ``__init__`` and implement ``__len__``, :meth:`sample`
-    (one augmented sample), :meth:`collate` (samples -> one batch) and :meth:`loss`. ``batches(epoch)`` yields the epoch's batches in a seeded order;
-    the same (seed, epoch) always gives the same batches, augmentation included.
+    (one augmented sample), :meth:`collate` (samples -> one batch) and :meth:`loss`.
+    ``batches(epoch)`` yields the epoch's batches in a seeded order; the same (seed, epoch)
+    always gives the same batches, augmentation included.
     """
 
     protocol = ""
@@ -624,7 +625,8 @@ class VideoTask(TrainTask):
         from zoo.data.imagefolder import load_rgb
 
         clip = self.clips[index]
-        frames = [load_rgb(Path(clip.folder) / f"{self.prefix}{i:05d}.jpg") for i in self.frame_indices(clip.num_frames, gen)]
+        numbers = self.frame_indices(clip.num_frames, gen)
+        frames = [load_rgb(Path(clip.folder) / f"{self.prefix}{i:05d}.jpg") for i in numbers]
         h, w = self.resize
         left, top = _randint(gen, 0, w - self.width), _randint(gen, 0, h - self.height)
         tensors = [_to_tensor(f.resize((w, h), Image.BILINEAR).crop((left, top, left + self.width, top + self.height)),
