@@ -324,36 +324,6 @@ class TorchvisionDetectionTask(_CocoTrainData):
 # Re-id (Market-1501 layout)
 
 
-def read_market1501_train(data_dir: Path) -> list:
-    """``DIR/bounding_box_train/*.jpg`` (or inside ``Market-1501-v15.09.15/``) as ReidImage, sorted by name.
-
-    Junk (pid -1) and distractor (pid 0) boxes are not identities and are skipped.
-    """
-    from zoo.data.reid import _MARKET_NAME, ReidImage
-
-    data_dir = Path(data_dir)
-    for root in (data_dir, data_dir / "Market-1501-v15.09.15", data_dir / "Market-1501"):
-        folder = root / "bounding_box_train"
-        if folder.is_dir():
-            break
-    else:
-        raise DatasetError(f"expected the Market-1501 training folder {data_dir / 'bounding_box_train'} "
-                           "(images named <pid:04d>_c<cam>s<seq>_<frame>_<box>.jpg)")
-    images = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() != ".jpg":
-            continue  # Thumbs.db and the like
-        match = _MARKET_NAME.match(path.name)
-        if match is None:
-            raise DatasetError(f"{path}: not a Market-1501 image name <pid:04d>_c<cam>s<seq>_<frame>_<box>.jpg")
-        pid = int(match.group(1))
-        if pid > 0:
-            images.append(ReidImage(str(path), pid, int(match.group(2))))
-    if not images:
-        raise DatasetError(f"{folder}: no Market-1501 training images (pid > 0) found")
-    return images
-
-
 class ReidTask(TrainTask):
     """Re-id training as the RGA original (spec rga §2.2, §5.2), on a Market-1501 layout.
 
@@ -382,6 +352,8 @@ class ReidTask(TrainTask):
         if self.num_identities_per_batch < 2:
             raise ValueError(f"re-id batches need P >= 2 identities for the triplet loss; batch_size "
                              f"{self.batch_size} / K {num_instances} = {self.num_identities_per_batch}")
+        from zoo.data.reid import read_market1501_train
+
         images = read_market1501_train(self.data_dir)
         self.images = images[:self.limit] if self.limit is not None else images
         pids = sorted({im.pid for im in self.images})

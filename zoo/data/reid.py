@@ -129,11 +129,13 @@ def read_cuhk03(data_dir, subset: str = "labeled") -> ReidSplit:
 # Market-1501
 
 
-def _market_root(data_dir: Path) -> Path:
+def _market_root(data_dir: Path, folders: tuple = ("bounding_box_test", "query")) -> Path:
+    """The Market-1501 root holding ``folders``: DIR itself or its extracted ``Market-1501*`` child."""
     for candidate in (data_dir, data_dir / "Market-1501-v15.09.15", data_dir / "Market-1501"):
-        if (candidate / "bounding_box_test").is_dir() and (candidate / "query").is_dir():
+        if all((candidate / f).is_dir() for f in folders):
             return candidate
-    raise DatasetError(f"expected Market-1501 folders {data_dir / 'bounding_box_test'} and {data_dir / 'query'} "
+    expected = " and ".join(str(data_dir / f) for f in folders)
+    raise DatasetError(f"expected Market-1501 folder(s) {expected} "
                        "(images named <pid:04d>_c<cam>s<seq>_<frame>_<box>.jpg)")
 
 
@@ -159,6 +161,16 @@ def read_market1501(data_dir, keep_junk: bool = False) -> ReidSplit:
     root = _market_root(Path(data_dir))
     return ReidSplit("market1501", _market_folder(root / "query", keep_junk=True),
                      _market_folder(root / "bounding_box_test", keep_junk))
+
+
+def read_market1501_train(data_dir) -> tuple:
+    """Market-1501 ``bounding_box_train/`` as ReidImage, sorted by name; junk (pid -1) and
+    distractor (pid 0) boxes are not identities and are skipped."""
+    root = _market_root(Path(data_dir), ("bounding_box_train",))
+    images = tuple(im for im in _market_folder(root / "bounding_box_train", keep_junk=False) if im.pid > 0)
+    if not images:
+        raise DatasetError(f"{root / 'bounding_box_train'}: no Market-1501 training images (pid > 0) found")
+    return images
 
 
 def read_reid_dataset(data_dir, name: str, keep_junk: bool = False) -> ReidSplit:
