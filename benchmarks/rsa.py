@@ -9,11 +9,14 @@ Measures, for the released layer3 configuration (256 channels, 8 heads, dk=dv=dd
   process per (formulation, mode) with glibc's malloc told to return freed blocks at once
   (``MALLOC_MMAP_THRESHOLD_``) so the number tracks live tensors; on CUDA
   ``torch.cuda.max_memory_allocated``;
-* CPU time (``time.process_time``: all threads of the process) and wall time, in their own
-  fresh process with the default allocator, best of ``--repeats`` after one warm-up.
+* CPU time (``time.process_time``: all threads of the process) and wall time, both
+  formulations in one fresh process with the default allocator, timed alternately (so a
+  shared machine's changing load affects both alike), best of ``--repeats`` after one warm-up
+  each. Workers run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set otherwise) so that OpenMP
+  threads spinning at barriers, which on a loaded machine burn CPU time unrelated to the
+  work, are not counted.
 
-Both formulations are measured in the same run, alternating, so a shared machine's load
-affects both alike. ``--quick`` uses a small size (batch 2, 8 frames) for a smoke run.
+``--quick`` uses batch 2 (16 frames) for a smoke run.
 
     python benchmarks/rsa.py            # layer3 size, batch 8, 16 frames
     python benchmarks/rsa.py --quick
@@ -52,24 +55,18 @@ def _reset_peak() -> bool:
         return False
 
 
-def _worker(spec: dict) -> dict:
-    """Run in a fresh process: build the layer, measure one (impl, mode, what) combination."""
+def _build(spec: dict, impl: str):
     import torch
 
-    sys.path.insert(0, str(REPO))
     from zoo.layers.rsa import RSA
 
-    torch.manual_seed(0)
-    device = torch.device(spec["device"])
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    layer = RSA(spec["channels"], spec["channels"], nh=8, dk=0, dv=0, dd=0, kernel_size=(5, 7, 7),
-                kernel_type="VplusR", feat_type="VplusR", impl=spec["impl"]).to(device)
-    n, t, hw = spec["batch"], spec["frames"], spec["size"]
-    x = torch.randn(n, spec["channels"], t, hw, hw, device=device)
-    train = spec["mode"] == "train"
-    if train:
-        x.requires_grad_(True)
+    torch.manual_seed(0)  # the same weights for both formulations
+    return RSA(spec["channels"], spec["channels"], nh=8, dk=0, dv=0, dd=0, kernel_size=(5, 7, 7),
+               kernel_type="VplusR", feat_type="VplusR", impl=impl).to(spec["device"])
+
+
+def _step_fn(layer, x, train: bool):
+    import torch
 
     def step():
         if train:
@@ -81,17 +78,44 @@ def _worker(spec: dict) -> dict:
         with torch.no_grad():
             return layer(x)
 
-    # Warm-up on a tiny clip: oneDNN's one-time set-up must not count as this run's memory.
-    with torch.no_grad():
-        layer(torch.randn(1, spec["channels"], 2, hw, hw, device=device))
-    result = {}
-    if spec["what"] == "memory":
+    return step
+
+
+def _worker(spec: dict) -> dict:
+    """Run in a fresh process. ``what='memory'``: peak memory of one step of ``spec['impl']``.
+    ``what='time'``: both formulations in this process, timed alternately, best of ``repeats``."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    device = torch.device(spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    n, t, hw, c = spec["batch"], spec["frames"], spec["size"], spec["channels"]
+    train = spec["mode"] == "train"
+    impls = [spec["impl"]] if spec["what"] == "memory" else ["reference", "chunked"]
+    steps = {}
+    for impl in impls:
+        layer = _build(spec, impl)
+        torch.manual_seed(1)
+        x = torch.randn(n, c, t, hw, hw, device=device, requires_grad=train)
+        # Warm-up on a tiny clip: oneDNN's one-time set-up must not count as this run's memory.
+        with torch.no_grad():
+            layer(torch.randn(1, c, 2, hw, hw, device=device))
+        steps[impl] = _step_fn(layer, x, train)
+
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    result = {}
+    if spec["what"] == "memory":
+        step = steps[spec["impl"]]
+        if device.type == "cuda":
+            sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             out = step()
-            torch.cuda.synchronize()
+            sync()
             result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             if not _reset_peak():
@@ -100,26 +124,29 @@ def _worker(spec: dict) -> dict:
             out = step()
             _, peak = _rss_kb()
             result["peak_mb"] = (peak - base) / 1024
-        result["checksum"] = out.double().abs().sum().item()
         result["sample"] = out.flatten()[:: max(1, out.numel() // 4096)].tolist()
-    else:
+        return result
+    for step in steps.values():
         step()  # full-size warm-up
-        best_cpu = best_wall = float("inf")
-        for _ in range(spec["repeats"]):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    for impl in impls:
+        result[impl] = {"cpu_s": float("inf"), "wall_s": float("inf")}
+    for _ in range(spec["repeats"]):
+        for impl, step in steps.items():  # alternate, so load changes hit both alike
+            sync()
             c0, w0 = time.process_time(), time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best_cpu = min(best_cpu, time.process_time() - c0)
-            best_wall = min(best_wall, time.perf_counter() - w0)
-        result["cpu_s"], result["wall_s"] = best_cpu, best_wall
+            sync()
+            r = result[impl]
+            r["cpu_s"] = min(r["cpu_s"], time.process_time() - c0)
+            r["wall_s"] = min(r["wall_s"], time.perf_counter() - w0)
     return result
 
 
 def _run(spec: dict) -> dict:
     env = dict(os.environ)
+    # OpenMP threads that spin while waiting at a barrier burn CPU time that depends on the
+    # machine's load, not on the formulation: let them sleep so CPU time counts work.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if spec["what"] == "memory":
         # Every block above 64 kB is its own mapping, unmapped on free: RSS follows live tensors.
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -132,7 +159,7 @@ def _run(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small size (batch 2, 8 frames) for a smoke run")
+    ap.add_argument("--quick", action="store_true", help="batch 2 instead of 8, for a smoke run")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--size", type=int, default=14, help="spatial size H = W (14 = layer3 at 224 input)")
@@ -148,7 +175,7 @@ def main(argv=None) -> int:
         return 0
 
     batch = args.batch or (2 if args.quick else 8)
-    frames = args.frames or (8 if args.quick else 16)
+    frames = args.frames or 16
     repeats = args.repeats or (2 if args.quick else 3)
     base = dict(channels=args.channels, batch=batch, frames=frames, size=args.size, threads=args.threads,
                 device=args.device, repeats=repeats)
@@ -156,11 +183,9 @@ def main(argv=None) -> int:
           f"({batch}, {args.channels}, {frames}, {args.size}, {args.size}), device {args.device}")
     rows = []
     for mode in args.modes.split(","):
-        res = {}
-        for impl in ("reference", "chunked"):
-            res[impl] = {**_run({**base, "impl": impl, "mode": mode, "what": "memory"}),
-                         **_run({**base, "impl": impl, "mode": mode, "what": "time"})}
-        ref, ours = res["reference"], res["chunked"]
+        times = _run({**base, "impl": None, "mode": mode, "what": "time"})
+        ref, ours = ({**_run({**base, "impl": impl, "mode": mode, "what": "memory"}), **times[impl]}
+                     for impl in ("reference", "chunked"))
         diff = max(abs(a - b) for a, b in zip(ref["sample"], ours["sample"]))
         rows.append((mode, ref, ours, diff))
 

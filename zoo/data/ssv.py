@@ -24,7 +24,6 @@ segment samplings: clip c uses the offset ``tick * (c + 0.5) / clips`` instead o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

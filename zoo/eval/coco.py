@@ -66,10 +66,16 @@ class CocoProtocol(Protocol):
         from zoo.models.detr import PostProcess
 
         images, metas = batch
-        outputs = model([image.to(device) for image in images])
+        images = [image.to(device) for image in images]
         sizes = torch.tensor([meta["orig_size"] for meta in metas], device=device)
+        # Detectors other than DETR (torchvision's, e.g. the hand-raising net) post-process
+        # themselves into the same per-image {scores, labels, boxes (xyxy, original pixels)}.
+        if hasattr(model, "coco_predictions"):
+            detections = model.coco_predictions(images, sizes)
+        else:
+            detections = PostProcess()(model(images), sizes)
         predictions = []
-        for meta, det in zip(metas, PostProcess()(outputs, sizes)):
+        for meta, det in zip(metas, detections):
             x0, y0, x1, y1 = det["boxes"].float().cpu().unbind(-1)
             xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
             predictions.append({"image_id": meta["image_id"], "boxes": xywh.numpy(),

@@ -145,6 +145,24 @@ def _chunk_sizes(dims: RSADims, n: int, positions: int, budget: int) -> Tuple[in
     return 1, vc, kc
 
 
+def _chunked_forward(q, k, v, H1, H2, G, P1, I, dims: RSADims, budget: int,
+                     keep_kappa: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Output (N, dv * nh, T, H, W) slice by slice, and κ (N, nh, dd, P) if ``keep_kappa``."""
+    N = q.shape[0]
+    T, H, W = v.shape[-3:]
+    P = T * H * W
+    ns, vc, kc = _chunk_sizes(dims, N, P, budget)
+    w_ctx = H2 if G is None else torch.cat([H2, G], 0)  # (m, 1, kT, kH, kW), E channels first
+    out = q.new_empty(N, dims.dv, dims.nh, P)
+    kappa = q.new_empty(N, dims.nh, dims.dd, P) if keep_kappa else None
+    for sn in _slices(N, ns):
+        kap = _kernel_forward(q[sn], None if k is None else k[sn], H1, P1, dims, kc)
+        if kappa is not None:
+            kappa[sn] = kap
+        out[sn] = _context_forward(kap, v[sn], w_ctx, I, dims, vc)
+    return out.view(N, dims.dv * dims.nh, T, H, W), kappa
+
+
 class _RSAChunkedFunction(torch.autograd.Function):
     """Steps 3-5 slice by slice with a hand-written backward that recomputes R, E, Γ per slice.
 
@@ -159,23 +177,13 @@ class _RSAChunkedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, H1, H2, G, P1, I, dims: RSADims, budget: int):  # noqa: D401
-        N = q.shape[0]
-        T, H, W = v.shape[-3:]
-        P = T * H * W
-        ns, vc, kc = _chunk_sizes(dims, N, P, budget)
-        w_ctx = H2 if G is None else torch.cat([H2, G], 0)  # (m, 1, kT, kH, kW), E channels first
-        out = q.new_empty(N, dims.dv, dims.nh, P)
-        kappa = q.new_empty(N, dims.nh, dims.dd, P) if dims.relational_kernel else None
-        for sn in _slices(N, ns):
-            kap = _kernel_forward(q[sn], None if k is None else k[sn], H1, P1, dims, kc)
-            if kappa is not None:
-                kappa[sn] = kap
-            out[sn] = _context_forward(kap, v[sn], w_ctx, I, dims, vc)
+    def forward(ctx, q, k, v, H1, H2, G, P1, I, dims: RSADims, budget: int):
+        keep = dims.relational_kernel and any(ctx.needs_input_grad)  # κ is kept for backward only
+        out, kappa = _chunked_forward(q, k, v, H1, H2, G, P1, I, dims, budget, keep_kappa=keep)
         ctx.dims, ctx.budget = dims, budget
         ctx.has_g = G is not None
         ctx.save_for_backward(q, k, v, H1, H2, G, P1, I, kappa)
-        return out.view(N, dims.dv * dims.nh, T, H, W)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -18,7 +18,6 @@ import logging
 import re
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from zoo.layers.rsa import RSA
@@ -190,6 +189,12 @@ def convert_rsa_names(state_dict: dict, checkpoint, target_state_dict) -> dict:
     the more diagonal-dominant one is ``I`` (it starts as the identity and stays
     diagonal-dominant in training), the other ``P1``. Released-name checkpoints pass unchanged.
     """
+    original_keys = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    if any(".E_feat." in str(k) for k in original_keys):
+        logger.warning("checkpoint uses the internal RSA names (E_conv/E_feat/E_feat_2): E_feat and E_feat_2 have the "
+                       "same shape, so which is H2 and which is G cannot be checked here (spec rsa §3). Check the "
+                       "accuracy on a few hundred validation videos; the other reading is the other map "
+                       "('rsa' reads E_feat as H2, 'rsa-internal-swapped' reads it as G).")
     if target_state_dict is None:
         return state_dict
     out = dict(state_dict)
