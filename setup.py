@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DATA_DIRS = ("configs", "convert", "ops")
+DATA_DIRS = ("configs", "convert", "ops", "weights")  # weights/: our own small checkpoints (RelZoo-mini)
 
 
 class BuildPyWithData(build_py):
@@ -22,6 +22,8 @@ class BuildPyWithData(build_py):
         super().run()
         target = Path(self.build_lib) / "zoo" / "_data"
         for name in DATA_DIRS:
+            if not (ROOT / name).is_dir():
+                continue
             shutil.copytree(ROOT / name, target / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
 

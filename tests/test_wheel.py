@@ -1,6 +1,8 @@
 """A built wheel carries configs/, convert/ and ops/ and works from outside the repository."""
+import site
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -15,8 +17,13 @@ def test_wheel_installs_and_creates_a_model(tmp_path):
                     str(REPO_ROOT)], check=True, timeout=600)
     wheel = next(wheels.glob("relzoo-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
+    # Reuse this environment's packages (torch, ...) without its editable RelZoo: a plain path
+    # line in a .pth adds the folder to sys.path but, unlike site.addsitedir, runs none of its .pth files.
+    scratch_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    Path(scratch_site, "test_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
     script = textwrap.dedent(f"""
         import zoo, zoo.paths
