@@ -112,8 +112,8 @@ def main() -> None:
     print(f"SASAttention2d fwd+bwd, batch {cfg['batch']}, {cfg['cin']}->{cfg['cout']} ch, "
           f"{cfg['size']}x{cfg['size']}, k={cfg['k']}, {cfg['heads']} heads, padding_mode={cfg['padding_mode']}, "
           f"{args.device}, {cfg['threads']} threads, best of {cfg['repeat']}")
-    print(f"| variant | best fwd+bwd (s) | median (s) | peak extra memory (MiB) |")
-    print(f"|---|---|---|---|")
+    print("| variant | best fwd+bwd (s) | median (s) | peak extra memory (MiB) |")
+    print("|---|---|---|---|")
     for name, r in (("ours: native neighbourhood-attention op", ours), ("reference: unfold formulation", ref)):
         print(f"| {name} | {r['best_s']:.3f} | {r['median_s']:.3f} | {r['peak_mib']:.1f}{r['note']} |")
     speed = ref["best_s"] / ours["best_s"]

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from zoo.config import ModelConfig, ReportedMetric
+from zoo.config import ReportedMetric
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.runner import EvalResult, _compare
 

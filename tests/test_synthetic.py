@@ -195,23 +195,13 @@ def test_moving_shapes_is_something_something_layout(tiny):
             labels.append(int(label))
         assert sorted(labels) == list(range(len(classes)))
     assert info["splits"]["val"]["chance"] == {"top1": 12.5, "top5": 62.5}
-    # the trainer's list reader (helper 'train'), when present, reads the same clips
-    reader = _optional("zoo.train", "read_something_list")
-    if reader is not None:
-        clips = reader(root / "something_train_cluster.txt", root)
-        assert [(Path(c.folder).name, c.label) for c in clips] == \
-               [(line.split(" ")[0].split("/")[1], int(line.split(" ")[2]))
-                for line in (root / "something_train_cluster.txt").read_text().splitlines()]
+    # the shared split reader (used by the ssv protocol and by zoo train) reads the same clips
+    from zoo.data.ssv import read_split
 
-
-def _optional(module: str, name: str):
-    """``module.name`` when that module (another helper's, maybe not written yet) defines it, else None."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError:
-        return None
+    clips = read_split(root / "something_train_cluster.txt", root)
+    assert [(c.path.name, c.label) for c in clips] == \
+           [(line.split(" ")[0].split("/")[1], int(line.split(" ")[2]))
+            for line in (root / "something_train_cluster.txt").read_text().splitlines()]
 
 
 def test_shapes_cls_is_imagenet_layout(tiny):

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -514,30 +513,6 @@ class ClassificationTask(TrainTask):
 _SS_TRAIN_LISTS = ("something_train_cluster.txt", "something_v2_train_cluster.txt", "train_videofolder.txt")
 
 
-@dataclass(frozen=True)
-class _Clip:
-    folder: str
-    num_frames: int
-    label: int
-
-
-def read_something_list(list_file: Path, root: Path) -> list[_Clip]:
-    """A Something-Something split list (spec rsa §4): ``<video_dir> <num_frames> <label>`` a line,
-    ``<video_dir>`` relative to ``root`` unless absolute."""
-    clips = []
-    for number, line in enumerate(Path(list_file).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].lstrip("-").isdigit():
-            raise DatasetError(f"{list_file}:{number}: expected '<video_dir> <num_frames> <label>', got {line!r}")
-        folder = Path(parts[0]) if Path(parts[0]).is_absolute() else root / parts[0]
-        clips.append(_Clip(str(folder), int(parts[1]), int(parts[2])))
-    if not clips:
-        raise DatasetError(f"{list_file}: no videos listed")
-    return clips
-
-
 class VideoTask(TrainTask):
     """Video classification on Something-Something frame folders (spec rsa §2.3, §4).
 
@@ -565,7 +540,9 @@ class VideoTask(TrainTask):
         else:
             raise DatasetError(f"expected a Something-Something training list in {self.data_dir} "
                                f"({' or '.join(candidates)}: '<video_dir> <num_frames> <label>' a line)")
-        clips = read_something_list(self.list_file, self.data_dir)
+        from zoo.data.ssv import read_split
+
+        clips = read_split(self.list_file, self.data_dir)
         self.clips = clips[:self.limit] if self.limit is not None else clips
         self.num_segments = int(num_segments)
         self.height, self.width = _size_pair(self.preprocessing.get("input_size", (224, 224)), "input_size")
@@ -598,7 +575,7 @@ class VideoTask(TrainTask):
 
         clip = self.clips[index]
         numbers = self.frame_indices(clip.num_frames, gen)
-        frames = [load_rgb(Path(clip.folder) / f"{self.prefix}{i:05d}.jpg") for i in numbers]
+        frames = [load_rgb(clip.path / f"{self.prefix}{i:05d}.jpg") for i in numbers]
         h, w = self.resize
         left, top = _randint(gen, 0, w - self.width), _randint(gen, 0, h - self.height)
         tensors = [_to_tensor(f.resize((w, h), Image.BILINEAR).crop((left, top, left + self.width, top + self.height)),

@@ -23,4 +23,4 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     # A stable order makes ties deterministic (torch.topk's order among equal scores is not specified).
     top = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :kmax]
     hits = top.eq(labels.reshape(-1, 1))
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}

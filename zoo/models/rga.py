@@ -17,7 +17,7 @@ network only runs at that size, as the original.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -25,7 +25,7 @@ from zoo.layers.rga import RGA_Module
 from zoo.models.resnet import ResNet, resnet50_imagenet_source
 from zoo.registry import register_model
 
-__all__ = ["RGABackbone", "RGAResNet50", "rga_sc_resnet50", "rga_s_resnet50", "rga_c_resnet50"]
+__all__ = ["RGABackbone", "RGAResNet50", "rga_sc_resnet50", "rga_sc_mini", "rga_s_resnet50", "rga_c_resnet50"]
 
 # Total stride after stage 1..4 with last stride 1 (stem /4, layer2 /2, layer3 /2, layer4 /1).
 _STAGE_STRIDES = (4, 8, 16, 16)
@@ -40,20 +40,22 @@ class RGABackbone(ResNet):
         cha_ratio, spa_ratio, down_ratio: :class:`RGA_Module` ratios (the original uses 8, 8, 8).
         width_div: channel-width divisor of the ResNet (1 = ResNet-50; >1 only for small test models).
         low_rank: fast low-rank relation convolutions (default) or the direct original form.
+        layers: Bottleneck blocks per stage ((3, 4, 6, 3) = ResNet-50; fewer only for small models
+            such as ``rga_sc_mini``).
 
     Input ``[B, 3, height, width]`` -> ``[B, 2048 / width_div, height / 16, width / 16]``.
     """
 
     def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
-                 low_rank: bool = True) -> None:
+                 low_rank: bool = True, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             # The original sizes the modules with (h // s) * (w // s) per stage; only multiples
             # of 16 make that equal to the real feature-map sizes.
             raise ValueError(f"RGA ResNet-50 needs height and width that are positive multiples of 16, "
                              f"got {height}x{width}")
-        super().__init__(layers=(3, 4, 6, 3), width_div=width_div, last_stride=1, num_classes=None)
-        self.height, self.width, self.width_div = height, width, width_div
+        super().__init__(layers=tuple(layers), width_div=width_div, last_stride=1, num_classes=None)
+        self.height, self.width, self.width_div, self.layers = height, width, width_div, tuple(layers)
         # Registered after the ResNet's layers, so the keys follow backbone.layer4.* (spec §2.4),
         # and not touched by the ResNet's init: the modules keep PyTorch's default init (spec §3).
         for stage, (layer, stride) in enumerate(zip(self.stages, _STAGE_STRIDES), start=1):
@@ -83,7 +85,7 @@ class RGAResNet50(nn.Module):
         test_feature: what eval mode returns: ``'feat_'`` (pooled, before the BN-neck; default,
             the better of the two in users' logs) or ``'feat'`` (after the BN-neck).
         dropout: dropout on ``feat`` before the classifier (training only; the shipped script uses 0).
-        cha_ratio, spa_ratio, down_ratio, width_div, low_rank: see :class:`RGABackbone`.
+        cha_ratio, spa_ratio, down_ratio, width_div, low_rank, layers: see :class:`RGABackbone`.
         pretrained_backbone: False; True for torchvision's ImageNet ResNet-50 (2017,
             ``resnet50-19c8e357.pth``); or a weights source (path, URL, ``hf://``) of a torchvision
             ResNet-50 state dict, old (no ``num_batches_tracked``) or new. The RGA modules and
@@ -99,7 +101,7 @@ class RGAResNet50(nn.Module):
                  use_channel: bool = True, test_feature: str = "feat_", dropout: float = 0.0,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
                  low_rank: bool = True, pretrained_backbone: Union[bool, str] = False,
-                 legacy_init: bool = False) -> None:
+                 legacy_init: bool = False, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int (767 CUHK03, 751 Market-1501), got {num_classes!r}")
@@ -109,7 +111,7 @@ class RGAResNet50(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.test_feature = test_feature
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                    width_div, low_rank)
+                                    width_div, low_rank, layers)
         num_feat = self.backbone.out_channels
         self.feat_bn = nn.BatchNorm1d(num_feat)
         nn.init.ones_(self.feat_bn.weight)
@@ -147,7 +149,7 @@ class RGAResNet50(nn.Module):
             source, sha256 = entry.source, entry.sha256
         # Convert and check strictly against a plain ResNet-50 of the same shape (no RGA modules),
         # then copy it over: every backbone key must be filled, the RGA modules are left alone.
-        plain = ResNet(layers=(3, 4, 6, 3), width_div=self.backbone.width_div, last_stride=1)
+        plain = ResNet(layers=self.backbone.layers, width_div=self.backbone.width_div, last_stride=1)
         load_into(plain, load_state_dict(source, sha256=sha256, converter="torchvision-resnet", model=plain))
         missing, unexpected = self.backbone.load_state_dict(plain.state_dict(), strict=False)
         if unexpected or any(not k.startswith("rga_att") for k in missing):  # pragma: no cover - same ResNet
@@ -177,6 +179,13 @@ def _build(use_spatial: bool, use_channel: bool, kwargs: dict) -> RGAResNet50:
 def rga_sc_resnet50(**kwargs) -> RGAResNet50:
     """RGA-SC ResNet-50 (spatial then channel attention after each stage), BN-neck re-id head."""
     return _build(True, True, kwargs)
+
+
+@register_model
+def rga_sc_mini(**kwargs) -> RGAResNet50:
+    """RelZoo-mini: RGA-SC on a 2-2-2-2 block ResNet at 1/8 width, built for 64x32 inputs (shapes-reid)."""
+    return _build(True, True, {"num_classes": 160, "height": 64, "width": 32, "width_div": 8,
+                               "layers": [2, 2, 2, 2], "cha_ratio": 4, "spa_ratio": 4, "down_ratio": 4, **kwargs})
 
 
 @register_model

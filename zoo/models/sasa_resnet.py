@@ -66,7 +66,9 @@ def sasa_resnet(depth: int, stem: str = "attention", num_classes: Optional[int] 
     def spatial(stage: int, block: int, width: int, stride: int) -> nn.Module:
         return SASAttention2d(width, width, kernel_size, stride, heads, padding_mode)
 
-    stem_module = attention_stem(64, stem_heads, stem_mixtures) if stem == "attention" else None
+    # the stem feeds layer1, whose input width is the ResNet's stem width 64 / width_div
+    stem_width = 64 // int(resnet_kwargs.get("width_div", 1))
+    stem_module = attention_stem(stem_width, stem_heads, stem_mixtures) if stem == "attention" else None
     return ResNet(_LAYERS[depth], spatial_layer=spatial, stem=stem_module, num_classes=num_classes, **resnet_kwargs)
 
 
@@ -86,6 +88,13 @@ def sasa_resnet38(**kwargs) -> nn.Module:
 def sasa_resnet50(**kwargs) -> nn.Module:
     """SASA ResNet-50, full attention (attention stem)."""
     return sasa_resnet(50, **{"stem": "attention", **kwargs})
+
+
+@register_model
+def sasa_resnet_mini(**kwargs) -> nn.Module:
+    """RelZoo-mini: SASA ResNet-26 (attention stem) at 1/8 width, 4 heads, k=5, for 64x64 shapes-cls."""
+    return sasa_resnet(26, **{"stem": "attention", "width_div": 8, "heads": 4, "kernel_size": 5,
+                              "stem_heads": 2, "num_classes": 10, **kwargs})
 
 
 @register_model
