@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import zoo.ops as ops
+import zoo.paths
 from zoo.errors import OpsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -290,21 +291,26 @@ def test_cuda_toolkit_behind_a_wrapper_script_is_resolved(tmp_path, monkeypatch)
     assert ops.cuda_toolkit_home() == toolkit
 
 
+CUDA_OPS = sorted(p.name for p in zoo.paths.ops_dir().iterdir() if any(p.glob("*.cu")))
+
+
 @pytest.mark.cuda_build
-def test_cuda_sources_compile_without_a_gpu(tmp_path):
-    """The .cu kernels compile through the same loader (no GPU needed) and register CUDA kernels."""
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_cuda_sources_compile_without_a_gpu(tmp_path, name):
+    """Every op's .cu kernels compile through the same loader (no GPU needed) and register CUDA
+    kernels for ``relzoo::<name>`` and its backward."""
     # RELZOO_REQUIRE_CUDA_BUILD=1 (CI) turns a missing toolchain into a failure instead of a skip.
     missing = pytest.fail if os.environ.get("RELZOO_REQUIRE_CUDA_BUILD") == "1" else pytest.skip
     if torch.version.cuda is None:
         missing(f"torch {torch.__version__} has no CUDA support, so .cu sources cannot be compiled")
     if ops.cuda_toolkit_home() is None:
         missing("no CUDA toolkit (nvcc) found: set CUDA_HOME or put nvcc on PATH")
-    library = ops.build("rpe_index", cuda=True)
+    library = ops.build(name, cuda=True)
     proc = run_python(f"""
         import torch
         torch.ops.load_library({str(library)!r})
-        print(torch._C._dispatch_has_kernel_for_dispatch_key("relzoo::rpe_index", "CUDA"),
-              torch._C._dispatch_has_kernel_for_dispatch_key("relzoo::rpe_index_backward", "CUDA"))
+        print(torch._C._dispatch_has_kernel_for_dispatch_key("relzoo::{name}", "CUDA"),
+              torch._C._dispatch_has_kernel_for_dispatch_key("relzoo::{name}_backward", "CUDA"))
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"]
