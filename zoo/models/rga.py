@@ -185,7 +185,7 @@ def rga_sc_resnet50(**kwargs) -> RGAResNet50:
 def rga_sc_mini(**kwargs) -> RGAResNet50:
     """RelZoo-mini: RGA-SC on a 2-2-2-2 block ResNet at 1/8 width, built for 64x32 inputs (shapes-reid)."""
     return _build(True, True, {"num_classes": 160, "height": 64, "width": 32, "width_div": 8,
-                               "layers": [2, 2, 2, 2], "cha_ratio": 4, "spa_ratio": 4, "down_ratio": 4, **kwargs})
+                               "layers": [2, 2, 2, 2], "cha_ratio": 2, "spa_ratio": 2, "down_ratio": 2, **kwargs})
 
 
 @register_model

@@ -24,7 +24,7 @@ from zoo.layers.rsa import RSA
 from zoo.models.resnet import ResNet, resnet50_imagenet_source
 from zoo.registry import register_model
 
-__all__ = ["RSANet", "RSA_POSITIONS", "rsanet_r50", "rsanet_r50_ssv1_16f", "rsanet_r50_ssv2_16f",
+__all__ = ["RSANet", "RSA_POSITIONS", "rsanet_r50", "rsanet_r50_ssv1_16f", "rsanet_r50_ssv2_16f", "rsanet_mini",
            "convert_rsa_names", "kwargs_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -258,3 +258,12 @@ def kwargs_from_checkpoint(checkpoint) -> dict:
     kwargs.update({k: [list(p) for p in v] if k == "rsa_positions" else (list(v) if isinstance(v, tuple) else v)
                    for k, v in derived.items() if v != defaults[k]})
     return kwargs
+
+
+@register_model
+def rsanet_mini(**kwargs) -> RSANet:
+    """RelZoo-mini: RSANet with one block per stage at 1/8 width, RSA (kernel (3,5,5), 2 heads) in
+    stages 1-3, 8 frames; trained on the synthetic moving-shapes clips (``zoo data make moving-shapes``)."""
+    return RSANet(**{"num_classes": 8, "num_segments": 8, "layers": [1, 1, 1, 1], "width_div": 8,
+                     "rsa_positions": [[0], [0], [0], []], "nh": 2, "kernel_size": [3, 5, 5],
+                     "stochastic_depth": 0.0, "dropout": 0.0, **kwargs})
