@@ -29,6 +29,15 @@
 namespace relzoo {
 namespace rpe_index {
 
+at::Tensor empty_backward_output(const at::Tensor& g, const at::Tensor& p, int64_t num_buckets) {
+  TORCH_CHECK(num_buckets >= 0, "rpe_index_backward: num_buckets must be >= 0, got ", num_buckets);
+  TORCH_CHECK(p.size(1) == g.size(-1), "rpe_index_backward: grad_output has Lk = ", g.size(-1),
+              " (dim -1) but index has ", p.size(1), " columns");
+  std::vector<int64_t> out_shape(g.sizes().begin(), g.sizes().end());
+  out_shape.back() = num_buckets;
+  return at::empty(out_shape, g.options());
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& index, const char* x_name) {
   TORCH_CHECK(x.dim() >= 2, "rpe_index: ", x_name, " must have at least 2 dims (..., Lq, num_buckets), got shape ",
               x.sizes());
@@ -95,17 +104,11 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& index) {
 at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& index, int64_t num_buckets) {
   check_inputs(grad_output, index, "grad_output");
   TORCH_CHECK(grad_output.device().is_cpu(), "rpe_index_backward (CPU kernel): expected CPU tensors");
-  TORCH_CHECK(num_buckets >= 0, "rpe_index_backward: num_buckets must be >= 0, got ", num_buckets);
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor p = index.contiguous();
   const int64_t Lq = g.size(-2), Lk = g.size(-1), nb = num_buckets;
-  TORCH_CHECK(p.size(1) == Lk, "rpe_index_backward: grad_output has Lk = ", Lk, " (dim -1) but index has ",
-              p.size(1), " columns");
   const int64_t rows = num_rows(g);
-
-  std::vector<int64_t> out_shape(g.sizes().begin(), g.sizes().end());
-  out_shape.back() = nb;
-  at::Tensor dx = at::empty(out_shape, g.options());
+  at::Tensor dx = empty_backward_output(g, p, num_buckets);
   if (dx.numel() == 0) return dx;
   if (Lk == 0) return dx.zero_();
 

@@ -140,18 +140,12 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& index) {
 at::Tensor backward_cuda(const at::Tensor& grad_output, const at::Tensor& index, int64_t num_buckets) {
   check_inputs(grad_output, index, "grad_output");
   TORCH_CHECK(grad_output.is_cuda(), "rpe_index_backward (CUDA kernel): expected CUDA tensors");
-  TORCH_CHECK(num_buckets >= 0, "rpe_index_backward: num_buckets must be >= 0, got ", num_buckets);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor p = index.contiguous();
   const int64_t Lq = g.size(-2), Lk = g.size(-1), nb = num_buckets;
-  TORCH_CHECK(p.size(1) == Lk, "rpe_index_backward: grad_output has Lk = ", Lk, " (dim -1) but index has ",
-              p.size(1), " columns");
   const int64_t rows = num_rows(g);
-
-  std::vector<int64_t> out_shape(g.sizes().begin(), g.sizes().end());
-  out_shape.back() = nb;
-  at::Tensor dx = at::empty(out_shape, g.options());
+  at::Tensor dx = empty_backward_output(g, p, num_buckets);
   if (dx.numel() == 0) return dx;
   if (Lk == 0) return dx.zero_();
 
