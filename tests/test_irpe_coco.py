@@ -155,6 +155,8 @@ def test_protocol_end_to_end(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     with pytest.raises(ValueError, match="unknown option"):
         CocoProtocol(root, small_config(), {"year": 2014})
+    # COCO-format data that is not COCO names itself, so reported rows of another dataset never match
+    assert CocoProtocol(root, small_config(), {"dataset": "shapes_det_val"}).dataset_name == "shapes_det_val"
 
 
 def test_through_runner(tmp_path):

@@ -193,3 +193,20 @@ def test_single_image_tensor_and_bad_rank():
         torch.testing.assert_close(m(img)["pred_boxes"], m([img])["pred_boxes"])
     with pytest.raises(ValueError, match="B, 3, H, W"):
         m(torch.randn(1, 1, 3, 64, 64))
+
+
+def test_backbone_for_training_from_scratch():
+    """frozen_bn=False + trainable_backbone_layers=5: ordinary BatchNorm, every backbone parameter trains
+    (the default stays the original's: FrozenBatchNorm2d, stem and layer1 frozen)."""
+    from zoo.models.resnet import FrozenBatchNorm2d
+
+    small = dict(hidden_dim=16, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=3,
+                 backbone_width_div=16, backbone_layers=[1, 1, 1, 1], enc_rpe2d="rpe-2.0-product-ctx-1-k")
+    body = build_detr(frozen_bn=False, trainable_backbone_layers=5, **small).backbone[0].body
+    assert isinstance(body.bn1, torch.nn.BatchNorm2d)
+    assert all(p.requires_grad for p in body.parameters())
+    original = build_detr(**small).backbone[0].body
+    assert isinstance(original.bn1, FrozenBatchNorm2d)
+    assert {n.split(".")[0] for n, p in original.named_parameters() if p.requires_grad} == {"layer2", "layer3", "layer4"}
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        build_detr(trainable_backbone_layers=7, **small)

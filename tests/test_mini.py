@@ -32,8 +32,9 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-data")
 
 
-def test_some_mini_is_registered():
-    assert REGISTERED, "no RelZoo-mini model is registered"
+def test_every_family_has_a_registered_mini():
+    assert [m.name for m in REGISTERED] == [m.name for m in demo.MINIS]
+    assert sorted({model_info(m.name).family for m in REGISTERED}) == ["irpe", "rga", "rpa", "rsa", "sasa"]
 
 
 @pytest.mark.parametrize("mini", REGISTERED, ids=[m.name for m in REGISTERED])

@@ -81,3 +81,19 @@ def test_bad_arguments_and_inputs_are_named():
         ResNet(layers=(3, 4, 6))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         ResNet(width_div=16)(torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize("trainable, first_trained", [(0, None), (3, "layer2"), (5, "conv1")])
+def test_freeze_stages_trains_the_last_n_parts(trainable, first_trained):
+    """torchvision's trainable_backbone_layers: conv1 (+ bn1), layer1..4 frozen from the front."""
+    from zoo.models.resnet import STAGE_NAMES, freeze_stages
+
+    model = ResNet(layers=(1, 1, 1, 1), width_div=16)
+    freeze_stages(model, trainable)
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    expected = set(STAGE_NAMES[STAGE_NAMES.index(first_trained):]) if first_trained else set()
+    if "conv1" in expected:
+        expected.add("bn1")
+    assert trained == expected
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        freeze_stages(model, 6)

@@ -120,6 +120,26 @@ def test_detector_variants_and_config():
         assert info.reported and all(r.weights is None for r in info.reported)
 
 
+def test_smaller_network_options():
+    """Reduced ResNet / FPN width, custom anchors and box head (as handraise_rpa_mini uses them)."""
+    model = HandRaiseRCNN(backbone_layers=[1, 1, 1, 1], backbone_width_div=16, fpn_channels=32, anchor_sizes=[8, 16, 32, 64, 128],
+                          representation_size=64, frozen_bn=False, min_size=64, max_size=96)
+    backbone = model.backbone
+    assert backbone.out_channels == 32 and isinstance(backbone.body.bn1, torch.nn.BatchNorm2d)
+    assert [len(stage) for stage in backbone.body.stages] == [1, 1, 1, 1]
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    assert model.roi_heads.box_head.fc7.out_features == 64 and model.roi_heads.box_predictor.cls_score.out_features == 2
+    model.eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 64, 96))
+        assert [tuple(f.shape[1:]) for f in features.values()] == [(32, 16, 24), (32, 8, 12), (32, 4, 6), (32, 2, 3), (32, 1, 2)]
+        assert set(model([torch.rand(3, 60, 90)])[0]) == {"boxes", "labels", "scores"}
+    with pytest.raises(ValueError, match="one size per pyramid level"):
+        HandRaiseRCNN(anchor_sizes=[8, 16], **SMALL)
+    with pytest.raises(ValueError, match="full ResNet-50"):
+        HandRaiseRCNN(backbone_layers=[1, 1, 1, 1], pretrained_backbone=True)
+
+
 def test_detector_through_the_coco_protocol(tmp_path):
     """COCO-format hand-raising data -> coco protocol -> AP, on two tiny synthetic images."""
     import dataclasses

@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from zoo.errors import ZooError
+from zoo.eval.runner import DEFAULT_BATCH_SIZE
 
 
 def _cmd_list(args) -> int:
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="model or model.tag")
     p.add_argument("--data", required=True, help="dataset root in the original on-disk format")
     p.add_argument("--weights", help="weights source overriding the tag (tag, path, URL, hf://)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="samples per batch (detectors pad a batch to its largest image: numbers vary a little with it)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (a quick, partial check)")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from zoo.eval.runner import DEFAULT_BATCH_SIZE
+
 __all__ = ["MINIS", "TOLERANCE", "DemoRow", "run_demo", "format_table", "check_rows", "add_cli"]
 
 #: Largest accepted |reproduced - reported|, in the metric's units (points of percent).
@@ -41,8 +43,7 @@ class Mini:
     size: str = "default"
 
 
-#: The minis in table order (detection, re-id, video, classification). Names not registered
-#: (a family without its mini yet) are skipped.
+#: The minis in table order (detection, re-id, video, classification), one per family.
 MINIS: tuple[Mini, ...] = (
     Mini("detr_irpe_mini", "shapes-det"),
     Mini("handraise_rpa_mini", "raised-hands"),
@@ -105,7 +106,8 @@ def prepare_data(mini: Mini, data_root: Path) -> Path:
     return make_dataset(mini.kind, out, split="val", seed=mini.seed, size=mini.size)
 
 
-def evaluate_mini(mini: Mini, data_root: Path, *, batch_size: int = 32, progress: bool = False) -> list[DemoRow]:
+def evaluate_mini(mini: Mini, data_root: Path, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                  progress: bool = False) -> list[DemoRow]:
     """Generate, load by name with its pretrained weights, evaluate; one row per measured metric."""
     from zoo.eval.runner import evaluate
     from zoo.registry import model_info
@@ -116,7 +118,7 @@ def evaluate_mini(mini: Mini, data_root: Path, *, batch_size: int = 32, progress
     return [DemoRow(family, mini.name, row.metric, row.reported, row.reproduced) for row in result.rows]
 
 
-def run_demo(data_root: Optional[Path] = None, names: Optional[Sequence[str]] = None, *, batch_size: int = 32,
+def run_demo(data_root: Optional[Path] = None, names: Optional[Sequence[str]] = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
              progress: bool = False, log=print) -> list[DemoRow]:
     """Evaluate every registered mini (or ``names``); returns all rows (see :func:`format_table`)."""
     data_root = Path(data_root) if data_root is not None else default_data_root()
@@ -188,7 +190,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--models", nargs="+", metavar="NAME", help="only these minis (default: all registered)")
     p.add_argument("--check", action="store_true",
                    help=f"exit 1 if any reproduced metric differs from the reported one by more than {TOLERANCE}")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="the reported numbers were measured at the default (detection numbers vary a little with it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per model")
     p.set_defaults(func=_cmd_demo)

@@ -35,7 +35,8 @@ class _Transform:
 
 @register_protocol("coco")
 class CocoProtocol(Protocol):
-    """COCO detection. Options: ``split`` ('val2017'). Preprocessing from the model config:
+    """COCO detection. Options: ``split`` ('val2017'), ``dataset`` (the name reported rows are matched
+    by; default ``coco_<split>``, another for COCO-format data that is not COCO). Preprocessing from the model config:
     ``resize_shorter`` (800), ``max_size`` (1333), ``mean``, ``std``.
 
     Samples are ``(image (3, H, W), {"image_id", "orig_size": (h, w)})``; predictions are dicts of
@@ -45,9 +46,9 @@ class CocoProtocol(Protocol):
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
         super().__init__(data_dir, model_config, options, limit)
         self.split = str(self.options.pop("split", "val2017"))
+        self.dataset_name = str(self.options.pop("dataset", f"coco_{self.split}"))
         if self.options:
-            raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split)")
-        self.dataset_name = f"coco_{self.split}"
+            raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
         pre = dict(getattr(model_config, "preprocessing", None) or {})
         self.transform = _Transform(int(pre.get("resize_shorter", 800)), pre.get("max_size", 1333),
                                     pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD))

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
-from zoo.models.resnet import FrozenBatchNorm2d, ResNet
+from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages
 from zoo.registry import register_model
 
 __all__ = ["DETR", "PostProcess", "PositionEmbeddingSine", "Transformer", "nested_tensor_from_tensor_list",
            "box_cxcywh_to_xyxy", "kwargs_from_checkpoint", "detr_r50_irpe", "detr_r50_irpe_product_ctx_7x7",
-           "detr_r50_irpe_product_ctx_9x9"]
+           "detr_r50_irpe_product_ctx_9x9", "detr_irpe_mini"]
 
 
 # --------------------------------------------------------------------------------------
@@ -129,14 +129,12 @@ class PositionEmbeddingSine(nn.Module):
 class _Backbone(nn.Module):
     """Holds the ResNet as ``body`` (keys ``body.*``); returns layer4 features and the resized mask."""
 
-    def __init__(self, body: ResNet, train_backbone: bool = True):
+    def __init__(self, body: ResNet, trainable_layers: int = 3):
         super().__init__()
         self.body = body
         self.num_channels = body.out_channels
-        # The original trains layer2-4 only; stem and layer1 stay frozen (requires_grad False).
-        for name, p in body.named_parameters():
-            if not train_backbone or not name.startswith(("layer2", "layer3", "layer4")):
-                p.requires_grad_(False)
+        # The original trains layer2-4 only (3); stem and layer1 stay frozen (requires_grad False).
+        freeze_stages(body, trainable_layers)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
         features = self.body.forward_features(images)
@@ -416,8 +414,14 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
                dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                pre_norm: bool = False, enc_rpe2d: str = "", aux_loss: bool = True, backbone_width_div: int = 1,
                backbone_layers: Sequence[int] = (3, 4, 6, 3), dilation: bool = False,
-               position_embedding: str = "sine", pretrained_backbone: bool = False) -> DETR:
-    """DETR from the original ``main.py`` argument names (see :func:`detr_r50_irpe`)."""
+               position_embedding: str = "sine", pretrained_backbone: bool = False, frozen_bn: bool = True,
+               trainable_backbone_layers: int = 3) -> DETR:
+    """DETR from the original ``main.py`` argument names (see :func:`detr_r50_irpe`).
+
+    ``frozen_bn`` and ``trainable_backbone_layers`` (0..5 of conv1, layer1..4) are ours: the
+    original freezes every BN and trains layer2-4 of an ImageNet backbone (True, 3); a model
+    trained from scratch needs ordinary BatchNorm and every stage (False, 5).
+    """
     _check_positive(num_classes=num_classes, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
                     dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
                     backbone_width_div=backbone_width_div)
@@ -425,7 +429,8 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
         raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by nheads ({nheads})")
     if position_embedding not in ("sine", "v2"):
         raise ValueError(f"position_embedding '{position_embedding}' is not supported (only 'sine', alias 'v2')")
-    body = ResNet(layers=tuple(backbone_layers), width_div=backbone_width_div, norm_layer=FrozenBatchNorm2d,
+    body = ResNet(layers=tuple(backbone_layers), width_div=backbone_width_div,
+                  norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
                   replace_stride_with_dilation=(False, False, bool(dilation)))
     if pretrained_backbone:
         from zoo.models.resnet import resnet50_imagenet_source
@@ -438,7 +443,7 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
         from zoo.convert import load_into
 
         load_into(body, state, strict=True)
-    backbone = _Joiner(_Backbone(body, train_backbone=True), PositionEmbeddingSine(hidden_dim // 2, normalize=True))
+    backbone = _Joiner(_Backbone(body, trainable_backbone_layers), PositionEmbeddingSine(hidden_dim // 2, normalize=True))
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm, return_intermediate_dec=True, enc_rpe2d=enc_rpe2d or "")
@@ -456,7 +461,8 @@ def detr_r50_irpe(enc_rpe2d: Optional[str] = None, rpe: Optional[str] = None, **
     Other kwargs use the original ``main.py`` names: num_classes (91 -> 92 logits), hidden_dim,
     nheads, enc_layers, dec_layers, dim_feedforward, dropout, num_queries, pre_norm, aux_loss,
     dilation, position_embedding; plus backbone_width_div / backbone_layers for reduced or
-    ResNet-101 backbones and pretrained_backbone (ImageNet ResNet-50).
+    ResNet-101 backbones, pretrained_backbone (ImageNet ResNet-50), and frozen_bn /
+    trainable_backbone_layers (see :func:`build_detr`).
     """
     if enc_rpe2d is not None and rpe is not None and enc_rpe2d != rpe:
         raise ValueError(f"enc_rpe2d='{enc_rpe2d}' and its alias rpe='{rpe}' disagree; give one")
@@ -476,6 +482,20 @@ def detr_r50_irpe_product_ctx_9x9(**kwargs) -> DETR:
     """DETR-R50 + iRPE rpe-2.0-product-ctx-1-k (9x9 buckets, contextual on keys, shared heads)."""
     kwargs.setdefault("enc_rpe2d", "rpe-2.0-product-ctx-1-k")
     return detr_r50_irpe(**kwargs)
+
+
+#: RelZoo-mini DETR (issue 10): every layer of detr_r50_irpe_product_ctx_9x9, narrower and shallower.
+_MINI = dict(enc_rpe2d="rpe-2.0-product-ctx-1-k", num_classes=4, hidden_dim=64, nheads=4, enc_layers=2,
+             dec_layers=2, dim_feedforward=256, dropout=0.0, num_queries=12, aux_loss=True, backbone_width_div=8,
+             backbone_layers=[1, 1, 1, 1], dilation=True, frozen_bn=False, trainable_backbone_layers=5)
+
+
+@register_model
+def detr_irpe_mini(**kwargs) -> DETR:
+    """RelZoo-mini: DETR + iRPE (9x9 product buckets, contextual on keys) on a 1-1-1-1 block ResNet at
+    1/8 width with a dilated layer4 (stride 16), trainable BatchNorm; d 64, 4 heads, 2 + 2 layers,
+    12 queries, 3 classes (ids 1-3 of shapes-det, so num_classes 4)."""
+    return detr_r50_irpe(**{**_MINI, **kwargs})
 
 
 # --------------------------------------------------------------------------------------

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from zoo.layers.rpa import MultiheadNonlocal2d
-from zoo.models.resnet import FrozenBatchNorm2d, ResNet, resnet50_imagenet_source
+from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, resnet50_imagenet_source
 from zoo.registry import register_model
-
-_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
 
 class BalancedFeaturePyramid(nn.Module):
@@ -72,28 +72,30 @@ class BalancedFeaturePyramid(nn.Module):
 
 
 class ResNetFPNBalancedBackbone(nn.Module):
-    """ResNet-50 body -> FPN (P2-P5 + max-pooled P6, 256 channels) -> balanced feature pyramid.
+    """ResNet body -> FPN (P2-P5 + max-pooled P6, ``out_channels``) -> balanced feature pyramid.
 
-    forward: (B, 3, H, W) normalised images -> OrderedDict ``'0'..'3', 'pool'`` of (B, 256, H/s, W/s),
-    s = 4, 8, 16, 32, 64 (what torchvision's detection heads expect). State-dict keys: ``body.*``
-    (torchvision ResNet names), ``fpn.*`` (torchvision's FPN), ``bfp.refine.*``.
+    Args:
+        refine: the BFP's refine module on (B, out_channels, h, w).
+        trainable_layers: 0..5 of conv1, layer1..4 to train.
+        frozen_bn: FrozenBatchNorm2d (True) or BatchNorm2d in the body.
+        layers, width_div: of the shared ResNet ((3, 4, 6, 3), 1: ResNet-50).
+        out_channels: FPN width (256 in the papers).
+
+    forward: (B, 3, H, W) normalised images -> OrderedDict ``'0'..'3', 'pool'`` of
+    (B, out_channels, H/s, W/s), s = 4, 8, 16, 32, 64 (what torchvision's detection heads expect).
+    State-dict keys: ``body.*`` (torchvision ResNet names), ``fpn.*`` (torchvision's FPN), ``bfp.refine.*``.
     """
 
-    out_channels = 256
-
-    def __init__(self, refine: nn.Module, trainable_layers: int = 5, frozen_bn: bool = True):
+    def __init__(self, refine: nn.Module, trainable_layers: int = 5, frozen_bn: bool = True,
+                 layers: Sequence[int] = (3, 4, 6, 3), width_div: int = 1, out_channels: int = 256):
         super().__init__()
-        if not 0 <= trainable_layers <= 5:
-            raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {trainable_layers}")
-        self.body = ResNet(layers=(3, 4, 6, 3), norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-                           num_classes=None)
-        self.fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], self.out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+        self.body = ResNet(layers=tuple(layers), width_div=width_div,
+                           norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d, num_classes=None)
+        stage_channels = [stage[-1].conv3.out_channels for stage in self.body.stages]
+        self.fpn = FeaturePyramidNetwork(stage_channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.bfp = BalancedFeaturePyramid(num_levels=5, refine_level=2, refine=refine)
-        # torchvision's convention: train the last `trainable_layers` of conv1, layer1..layer4.
-        frozen = _STAGES[:5 - trainable_layers]
-        for name, param in self.body.named_parameters():
-            if name.split(".")[0] in frozen or (name.startswith("bn1") and "conv1" in frozen):
-                param.requires_grad_(False)
+        freeze_stages(self.body, trainable_layers)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         x = self.body.forward_stem(x)
@@ -116,6 +118,11 @@ class HandRaiseRCNN(FasterRCNN):
         num_heads, hidden_channels, use_scale: of the refine block (Libra R-CNN's non-local BFP uses
             d = 256 channels and no scaling).
         num_classes: including background (2: background, hand-raising).
+        backbone_layers, backbone_width_div, fpn_channels: a smaller network than R50-FPN (blocks per
+            stage, width divisor of the shared ResNet, FPN width; defaults (3, 4, 6, 3), 1, 256).
+        anchor_sizes: one anchor size per pyramid level (5; aspect ratios 0.5, 1, 2), for objects
+            smaller than torchvision's default (32, 64, 128, 256, 512).
+        representation_size: width of the box head's two fully connected layers (torchvision: 1024).
         min_size, max_size: torchvision's resize (shorter side, longer-side cap) before the backbone.
         pretrained_backbone: start the ResNet-50 from torchvision's ImageNet weights (downloads them).
         trainable_backbone_layers: 0..5 of conv1, layer1..4 to train (default 3 with a pretrained
@@ -134,18 +141,34 @@ class HandRaiseRCNN(FasterRCNN):
                  rpa_interpolation: str = "slerp", locality: bool = True, num_heads: int = 1,
                  hidden_channels: Optional[int] = None, use_scale: bool = False, num_classes: int = 2,
                  min_size: int = 800, max_size: int = 1333, pretrained_backbone: bool = False,
-                 trainable_backbone_layers: Optional[int] = None, frozen_bn: bool = True, **detector_kwargs):
+                 trainable_backbone_layers: Optional[int] = None, frozen_bn: bool = True,
+                 backbone_layers: Sequence[int] = (3, 4, 6, 3), backbone_width_div: int = 1, fpn_channels: int = 256,
+                 anchor_sizes: Optional[Sequence[int]] = None, representation_size: Optional[int] = None,
+                 **detector_kwargs):
         refine = MultiheadNonlocal2d(
-            ResNetFPNBalancedBackbone.out_channels, hidden_channels=hidden_channels, num_heads=num_heads,
+            fpn_channels, hidden_channels=hidden_channels, num_heads=num_heads,
             kernel_size=3 if locality else 1, use_scale=use_scale, rpa_mode=rpa_mode,
             rpa_kernel_size=rpa_kernel_size if rpa_mode else None, rpa_interpolation=rpa_interpolation)
         if trainable_backbone_layers is None:
             trainable_backbone_layers = 3 if pretrained_backbone else 5
-        backbone = ResNetFPNBalancedBackbone(refine, trainable_backbone_layers, frozen_bn)
+        backbone = ResNetFPNBalancedBackbone(refine, trainable_backbone_layers, frozen_bn, backbone_layers,
+                                             backbone_width_div, fpn_channels)
+        if anchor_sizes is not None:
+            if len(anchor_sizes) != 5:
+                raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
+            detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(size),) for size in anchor_sizes),
+                                                                      ((0.5, 1.0, 2.0),) * 5)
+        if representation_size is not None:
+            resolution = 7  # torchvision's MultiScaleRoIAlign output size for the box head
+            detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * resolution ** 2, representation_size)
+            detector_kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+            num_classes = None  # torchvision takes the class count from the predictor then
         if pretrained_backbone:
             from zoo.convert import load_into
             from zoo.weights import load_state_dict
 
+            if tuple(backbone_layers) != (3, 4, 6, 3) or backbone_width_div != 1:
+                raise ValueError("pretrained_backbone=True needs the full ResNet-50 backbone")
             entry = resnet50_imagenet_source()
             load_into(backbone.body, load_state_dict(entry.source, sha256=entry.sha256, converter=entry.converter,
                                                      model=backbone.body))
@@ -180,3 +203,20 @@ def handraise_rcnn_r50_fpn_rpa_position(**kwargs) -> nn.Module:
     """Hand-raising Faster R-CNN R50-FPN, balanced pyramid refined by a locality + relative-position non-local block."""
     kwargs.setdefault("rpa_mode", "relative_position")
     return HandRaiseRCNN(**kwargs)
+
+
+#: RelZoo-mini (issue 10): the journal model's layers, narrower and shallower, for small images of small hands.
+_MINI = dict(rpa_mode="relative_position", rpa_kernel_size=5, rpa_interpolation="slerp", locality=True,
+             num_heads=1, hidden_channels=32, num_classes=2, min_size=160, max_size=288, frozen_bn=False,
+             trainable_backbone_layers=5, backbone_layers=[1, 1, 1, 1], backbone_width_div=8, fpn_channels=64,
+             anchor_sizes=[16, 32, 64, 128, 256], representation_size=128, rpn_pre_nms_top_n_train=1000,
+             rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+             box_batch_size_per_image=64)
+
+
+@register_model
+def handraise_rpa_mini(**kwargs) -> nn.Module:
+    """RelZoo-mini: the relative-position hand-raising detector on a 1-1-1-1 block ResNet at 1/8 width,
+    64-channel FPN + RPA-refined balanced pyramid, anchors 16-256, a 128-wide box head, images resized to
+    a shorter side of 160."""
+    return HandRaiseRCNN(**{**_MINI, **kwargs})

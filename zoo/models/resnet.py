@@ -46,6 +46,26 @@ def resnet50_imagenet_source() -> WeightsEntry:
     )
 
 
+#: The parts of a ResNet that detectors freeze from the front: stem (conv1 + bn1), then each stage.
+STAGE_NAMES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+
+def freeze_stages(body: "ResNet", trainable_layers: int) -> None:
+    """Train only the last ``trainable_layers`` (0..5) of conv1 (with bn1), layer1 .. layer4.
+
+    torchvision's ``trainable_backbone_layers`` convention; DETR trains 3 (layer2-4), a model
+    trained from scratch trains 5. Freezing sets ``requires_grad=False`` on those parameters.
+    """
+    if not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
+    frozen = set(STAGE_NAMES[:5 - trainable_layers])
+    if "conv1" in frozen:
+        frozen.add("bn1")
+    for name, param in body.named_parameters():
+        if name.split(".")[0] in frozen:
+            param.requires_grad_(False)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (all buffers).
 
