@@ -43,25 +43,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_native_equals_reference_float64(native, case):
-    b, g, hq, wq, hk, wk, d, dv, kernel, stride, offset, m, rel = CASES[case]
-    inputs = _inputs(b, g, hq, wq, hk, wk, d, dv, kernel, m, rel)
-    kwargs = dict(kernel_size=kernel, stride=stride, offset=offset)
-    ref = neighborhood_attention_reference(*inputs, **kwargs)
-    out = neighborhood_attention(*inputs, backend="native", **kwargs)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    grad = torch.randn_like(ref)
-    leaves = [t for t in inputs if t is not None]
-    for a, e in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-10)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cuda_kernel_equals_reference(native, case):
+def test_native_equals_reference_float64(native, case, device):
+    """The CPU kernel, and the CUDA kernel where a device is visible, against the reference."""
     b, g, hq, wq, hk, wk, d, dv, kernel, stride, offset, m, rel = CASES[case]
-    inputs = [t.detach().cuda().requires_grad_(True) if t is not None else None
+    inputs = [t.detach().to(device).requires_grad_(True) if t is not None else None
               for t in _inputs(b, g, hq, wq, hk, wk, d, dv, kernel, m, rel)]
     kwargs = dict(kernel_size=kernel, stride=stride, offset=offset)
     ref = neighborhood_attention_reference(*inputs, **kwargs)

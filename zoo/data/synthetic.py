@@ -316,6 +316,18 @@ def _coco_generate(out: Path, kind: str, split: str, seed: int, count: int, cate
     return {"images": len(images), "boxes": len(annotations)}
 
 
+def _make_coco_dataset(out: Path, kind: str, split: str, seed: int, size: str, sizes: _Sizes,
+                       categories: list[dict], render: Callable) -> Path:
+    """A COCO-format detection dataset (shapes-det, raised-hands): each split's images from ``render``;
+    chance AP 0 on val (random boxes)."""
+    out = Path(out)
+    info = _prepare(out, kind, split, seed, size, lambda s: _coco_split_paths(out, s))
+    for s in _splits(split):
+        counts = _coco_generate(out, kind, s, seed, getattr(sizes, size)[s], categories, render)
+        _finish(out, info, s, seed, size, counts, {"AP": 0.0} if s == "val" else None)
+    return out
+
+
 # =============================================================================================
 # shapes-det
 
@@ -369,13 +381,7 @@ def make_shapes_det(out: Path, split: str = "all", seed: int = 0, size: str = "d
     Chance: a detector that predicts boxes at random scores box AP ~ 0; the colour says nothing
     about the class, so a box-perfect detector guessing the class gets about 1/3 of its AP.
     """
-    out = Path(out)
-    info = _prepare(out, "shapes-det", split, seed, size, lambda s: _coco_split_paths(out, s))
-    for s in _splits(split):
-        counts = _coco_generate(out, "shapes-det", s, seed, getattr(_DET_SIZES, size)[s], DET_CATEGORIES,
-                                _render_shapes_det)
-        _finish(out, info, s, seed, size, counts, {"AP": 0.0} if s == "val" else None)
-    return out
+    return _make_coco_dataset(out, "shapes-det", split, seed, size, _DET_SIZES, DET_CATEGORIES, _render_shapes_det)
 
 
 # =============================================================================================
@@ -527,13 +533,8 @@ def make_raised_hands(out: Path, split: str = "all", seed: int = 0, size: str = 
 
     Chance: a detector placing random boxes scores AP ~ 0.
     """
-    out = Path(out)
-    info = _prepare(out, "raised-hands", split, seed, size, lambda s: _coco_split_paths(out, s))
-    for s in _splits(split):
-        counts = _coco_generate(out, "raised-hands", s, seed, getattr(_HAND_SIZES, size)[s], HAND_CATEGORIES,
-                                _render_raised_hands)
-        _finish(out, info, s, seed, size, counts, {"AP": 0.0} if s == "val" else None)
-    return out
+    return _make_coco_dataset(out, "raised-hands", split, seed, size, _HAND_SIZES, HAND_CATEGORIES,
+                              _render_raised_hands)
 
 
 # =============================================================================================

@@ -215,26 +215,27 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
     # matrix product in a channels-last [B, positions, channels] layout (no im2col, no layout copies
     # but one transpose of x for the spatial branch).
 
+    def _logits_low_rank(self, tokens: Tensor, branch: str) -> Tensor:
+        """One branch's attention logits from channels-last ``tokens`` [B, P, C] -> [B, P, 1].
+
+        ``branch`` ('spatial' or 'channel') names its modules: theta_/phi_/gg_/gx_/W_<branch>.
+        """
+        theta = _apply_pointwise(getattr(self, f"theta_{branch}"), tokens)  # [B, P, C']
+        phi = _apply_pointwise(getattr(self, f"phi_{branch}"), tokens)
+        gg = getattr(self, f"gg_{branch}")
+        pre = relation_conv_low_rank(theta, phi, gg[0].weight.flatten(1))  # [B, P, P']
+        embedded = _apply_pointwise(gg[1:], pre)
+        unary = _apply_pointwise(getattr(self, f"gx_{branch}"), tokens).mean(dim=2, keepdim=True)  # [B, P, 1]
+        return _apply_pointwise(getattr(self, f"W_{branch}"), torch.cat([unary, embedded], dim=2))
+
     def _spatial_logits_low_rank(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        xs = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
-        theta = _apply_pointwise(self.theta_spatial, xs)  # [B, N, C']
-        phi = _apply_pointwise(self.phi_spatial, xs)
-        pre = relation_conv_low_rank(theta, phi, self.gg_spatial[0].weight.flatten(1))  # [B, N, N']
-        embedded = _apply_pointwise(self.gg_spatial[1:], pre)
-        unary = _apply_pointwise(self.gx_spatial, xs).mean(dim=2, keepdim=True)  # [B, N, 1]
-        logits = _apply_pointwise(self.W_spatial, torch.cat([unary, embedded], dim=2))  # [B, N, 1]
-        return logits.reshape(b, 1, h, w)
+        tokens = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]: N positions, C channels
+        return self._logits_low_rank(tokens, "spatial").reshape(b, 1, h, w)
 
     def _channel_logits_low_rank(self, x: Tensor) -> Tensor:
         # [B, C, N] is already "channels last" for this branch: C positions, N channels
-        xc = x.flatten(2)
-        theta = _apply_pointwise(self.theta_channel, xc)  # [B, C, N']
-        phi = _apply_pointwise(self.phi_channel, xc)
-        pre = relation_conv_low_rank(theta, phi, self.gg_channel[0].weight.flatten(1))  # [B, C, C']
-        embedded = _apply_pointwise(self.gg_channel[1:], pre)
-        unary = _apply_pointwise(self.gx_channel, xc).mean(dim=2, keepdim=True)  # [B, C, 1]
-        logits = _apply_pointwise(self.W_channel, torch.cat([unary, embedded], dim=2))  # [B, C, 1]
+        logits = self._logits_low_rank(x.flatten(2), "channel")  # [B, C, 1]
         return logits.transpose(1, 2).unsqueeze(-1)  # [B, 1, C, 1], the original's layout
 
     def forward_with_logits(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
