@@ -13,8 +13,10 @@ import torch
 import yaml
 
 from zoo import convert
-from zoo.convert import (ConversionMap, convert_checkpoint, convert_state_dict, load_checkpoint, load_into,
-                         load_map, register_transform)
+from zoo._fs import sha256_file
+from zoo.checkpoint import load_checkpoint, load_into
+from zoo.convert import ConversionMap, convert_state_dict, load_map, register_transform
+from zoo.factory import convert_checkpoint
 from zoo.errors import CheckpointError, ConfigError, ConversionError
 from zoo.models.resnet import ResNet
 
@@ -65,7 +67,7 @@ def test_legacy_resnet50_converts_and_loads_strictly(legacy_resnet50, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "resnet50" and config["converter"] == "torchvision-resnet"
     assert config["converter_version"] == load_map("torchvision-resnet").version
-    assert config["source_sha256"] == convert.file_sha256(path) and config["source"] == str(path)
+    assert config["source_sha256"] == sha256_file(path) and config["source"] == str(path)
     front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
     assert front["library_name"] == "relzoo"
 
@@ -290,9 +292,9 @@ def test_convert_checkpoint_builds_target_through_registry(tmp_path, monkeypatch
         calls.append((name, kwargs))
         return ResNet(layers=(1, 1, 1, 1), **kwargs)
 
-    import zoo.registry
+    import zoo.factory
 
-    monkeypatch.setattr(zoo.registry, "create_model", fake_create_model)
+    monkeypatch.setattr(zoo.factory, "create_model", fake_create_model)
     cmap = ConversionMap.from_dict({"name": "toy", "target_model": "toy_model", "container": ["state_dict"],
                                     "hooks": {"model_kwargs": "test_convert:kwargs_hook"}})
     out = convert_checkpoint(path, cmap, tmp_path / "out", model_kwargs={"zero_init_residual": True})
@@ -347,19 +349,19 @@ def test_converted_folder_loads_with_create_model(tmp_path):
 
 
 def test_model_card_lists_the_matching_weights_metrics(tmp_path, monkeypatch):
-    from zoo.config import ReportedMetric, WeightsEntry
+    from zoo.config import ModelConfig, ReportedMetric, WeightsEntry
 
     path = tmp_path / "rpe-2.0-product-ctx-1-k_300epochs.pth"
     torch.save(_no_nbt(_tiny_resnet(num_classes=3).state_dict()), path)
-    info = {"task": "detection", "weights": {
+    info = ModelConfig(name="detr_like", family="irpe", task="detection", weights={
         "coco_150ep": WeightsEntry(tag="coco_150ep", source="https://example.org/rpe-2.0-product-ctx-1-k.pth"),
         "coco_300ep": WeightsEntry(tag="coco_300ep", source="https://example.org/rpe-2.0-product-ctx-1-k_300epochs.pth")},
-        "reported": [ReportedMetric("AP", 41.0, "coco_val2017", "README", weights="coco_150ep"),
-                     ReportedMetric("AP", 42.2, "coco_val2017", "README", weights="coco_300ep"),
-                     ReportedMetric("AP50", 62.3, "coco_val2017", "README", weights="coco_300ep")]}
-    import zoo.registry
+        reported=(ReportedMetric("AP", 41.0, "coco_val2017", "README", weights="coco_150ep"),
+                  ReportedMetric("AP", 42.2, "coco_val2017", "README", weights="coco_300ep"),
+                  ReportedMetric("AP50", 62.3, "coco_val2017", "README", weights="coco_300ep")))
+    import zoo.hub
 
-    monkeypatch.setattr(zoo.registry, "model_info", lambda name: info)
+    monkeypatch.setattr(zoo.hub, "model_info", lambda name: info)
     out = convert_checkpoint(path, "torchvision-resnet", tmp_path / "out", model=_tiny_resnet(num_classes=3),
                              model_name="detr_like")
     card = (out / "README.md").read_text()

@@ -77,7 +77,7 @@ def test_base_key_layout_matches_spec():
 
 def test_tiny_deit_converts_from_original_container(tmp_path):
     """A small DeiT-iRPE saved in the original training container converts and reloads exactly."""
-    from zoo.convert import convert_checkpoint
+    from zoo.factory import convert_checkpoint
 
     name = "deit_small_patch16_224_ctx_product_50_shared_qkv"
     small = dict(img_size=64, depth=2, embed_dim=32, num_heads=2, num_classes=10)

@@ -23,7 +23,8 @@ import torchvision
 import zoo
 from conftest import fixture_dir, load_case
 from zoo.cli import main as cli_main
-from zoo.convert import convert_checkpoint, load_checkpoint
+from zoo.checkpoint import load_checkpoint
+from zoo.factory import convert_checkpoint
 from zoo.errors import ConversionError
 from zoo.layers.rga import RGA_Module
 from zoo.models.rga import kwargs_from_checkpoint

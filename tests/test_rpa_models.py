@@ -6,7 +6,8 @@ import torch
 
 import zoo
 from conftest import fixture_dir, load_case
-from zoo.convert import convert_checkpoint, load_checkpoint
+from zoo.checkpoint import load_checkpoint
+from zoo.factory import convert_checkpoint
 from zoo.models.handraise import BalancedFeaturePyramid, HandRaiseRCNN
 
 

@@ -10,7 +10,7 @@ from conftest import fixture_dir, load_case
 
 import zoo
 from zoo.config import all_model_configs
-from zoo.convert import convert_checkpoint
+from zoo.factory import convert_checkpoint
 from zoo.errors import WeightsError
 from zoo.models.sasa_resnet import LeaderBottleneck, SASACifarResNet, leader_checkpoint_kwargs
 from zoo.registry import list_models, model_info

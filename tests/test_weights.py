@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from _http_server import serve
+import zoo
 from zoo import convert, weights
 from zoo.errors import CheckpointError, HashMismatchError, OfflineError, WeightsError
 from zoo.models.resnet import ResNet
@@ -361,7 +362,7 @@ def test_convert_checkpoint_from_a_url(tmp_path):
     source = _tiny_resnet(num_classes=5)
     torch.save(source.state_dict(), tmp_path / "w.pth")
     with serve({"/w.pth": (tmp_path / "w.pth").read_bytes()}) as server:
-        out = convert.convert_checkpoint(server.url("/w.pth"), "torchvision-resnet", tmp_path / "out",
+        out = zoo.convert_checkpoint(server.url("/w.pth"), "torchvision-resnet", tmp_path / "out",
                                          model=_tiny_resnet(num_classes=5), model_name="tiny")
         assert weights.read_folder_config(out)["source"] == server.url("/w.pth")
         target = _tiny_resnet(num_classes=5)

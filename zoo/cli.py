@@ -62,7 +62,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from zoo.convert import convert_checkpoint
+    from zoo.factory import convert_checkpoint
 
     kwargs = json.loads(args.kwargs) if args.kwargs else None
     out = convert_checkpoint(args.src, args.from_map, args.out, model_name=args.model, model_kwargs=kwargs,

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, WeightsError
 from zoo.paths import configs_dir
 
 
@@ -71,8 +71,6 @@ class ModelConfig:
 
     def weights_entry(self, tag: Optional[str] = None) -> WeightsEntry:
         """The entry for ``tag`` (default: ``default_weights``); a clear error when there is none."""
-        from zoo.errors import WeightsError
-
         tag = tag or self.default_weights
         if tag is None:
             hint = f" Available tags: {', '.join(self.weights)}." if self.weights else ""

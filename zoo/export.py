@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from zoo.convert import model_card, write_model_folder
-from zoo.registry import create_model, model_info, split_name
+from zoo.factory import create_model
+from zoo.hub import model_card, write_model_folder
+from zoo.registry import model_info, split_name
 
 
 def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = None, **overrides) -> Path:

@@ -114,7 +114,8 @@ def predict(model_name_or_model: Union[str, nn.Module], image_path, out_path, th
     image = _load_image(image_path)
     pre = dict(preprocessing or {})
     if isinstance(model_name_or_model, str):
-        from zoo.registry import create_model, model_info, split_name
+        from zoo.factory import create_model
+        from zoo.registry import model_info, split_name
 
         cfg = model_info(split_name(model_name_or_model)[0])
         pre = {**cfg.preprocessing, **pre}

@@ -1,7 +1,10 @@
-"""The model registry: named constructors, their configs, and ``create_model``.
+"""The model registry: a plain table of named constructors and their configs.
 
 Names follow timm: ``name`` or ``name.tag`` where the tag picks a weights entry
-(``detr_r50_irpe_product_ctx_9x9.coco_300ep``).
+(``detr_r50_irpe_product_ctx_9x9.coco_300ep``). Model files register their constructors with
+:func:`register_model`; the first lookup imports every module of :mod:`zoo.models` (the one
+import that runs upward, as timm's and torchvision's registries do). Building a model with
+weights is :func:`zoo.factory.create_model`, one floor up; this module imports no loading code.
 """
 from __future__ import annotations
 
@@ -10,11 +13,11 @@ import fnmatch
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from torch import nn
 
-from zoo.config import ModelConfig, WeightsEntry, all_model_configs
+from zoo.config import ModelConfig, all_model_configs
 from zoo.errors import ConfigError, UnknownModelError
 
 _constructors: dict[str, Callable[..., nn.Module]] = {}
@@ -85,59 +88,9 @@ def model_info(name: str) -> ModelConfig:
 
 
 def model_constructor(name: str) -> Callable[..., nn.Module]:
+    """The registered constructor of ``name`` (a ``.tag`` suffix is accepted and ignored)."""
     base, _ = split_name(name)
     constructors = _registered()
     if base not in constructors:
         raise _unknown(base)
     return constructors[base]
-
-
-def _weights_request(cfg: ModelConfig, tag: Optional[str], pretrained: bool,
-                     weights: Union[str, Path, None]) -> Optional[WeightsEntry]:
-    """Turn ``pretrained``/``weights``/``name.tag`` into one weights entry, or None for random init."""
-    if weights is not None:
-        weights = str(weights)
-        if weights in cfg.weights:
-            return cfg.weights[weights]
-        return WeightsEntry(tag="user", source=weights)
-    if pretrained or tag:
-        return cfg.weights_entry(tag)
-    return None
-
-
-def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, None] = None,
-                 **overrides) -> nn.Module:
-    """Build a registered model, optionally with weights, like ``timm.create_model``.
-
-    Args:
-        name: a registered name, optionally ``name.tag`` to pick a weights entry.
-        pretrained: load the tag's (or the default) weights entry of the config.
-        weights: a weights tag, a local file or converted folder, an https URL or
-            ``hf://org/repo[@rev]/file``. Overrides ``pretrained``.
-        **overrides: constructor kwargs, applied over the config's kwargs (and over the
-            kwargs recorded in a converted folder's ``config.json``).
-
-    Returns the model; in eval mode when weights were loaded, else as constructed.
-    """
-    base, tag = split_name(name)
-    constructor = model_constructor(base)
-    cfg = model_info(base)
-    entry = _weights_request(cfg, tag, pretrained, weights)
-
-    kwargs = dict(cfg.kwargs)
-    if entry is not None:
-        from zoo import weights as weights_lib
-
-        recorded = weights_lib.read_folder_config(entry.source)
-        if recorded and recorded.get("model") in (None, base):
-            kwargs.update(recorded.get("kwargs") or {})
-    kwargs.update(overrides)
-    model = constructor(**kwargs)
-    if entry is None:
-        return model
-
-    from zoo.convert import load_into
-
-    state_dict = weights_lib.load_state_dict(entry.source, sha256=entry.sha256, converter=entry.converter, model=model)
-    load_into(model, state_dict, strict=True)
-    return model.eval()

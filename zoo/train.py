@@ -730,8 +730,9 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
-    from zoo.convert import model_card, write_model_folder
-    from zoo.registry import create_model, model_info, split_name
+    from zoo.factory import create_model
+    from zoo.hub import model_card, write_model_folder
+    from zoo.registry import model_info, split_name
 
     base, tag = split_name(name)
     if tag is not None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from zoo.config import ModelConfig, ReportedMetric
 from zoo.eval.protocol import Protocol, get_protocol
-from zoo.registry import create_model, model_info, split_name
+from zoo.factory import create_model
+from zoo.registry import model_info, split_name
 
 
 @dataclass

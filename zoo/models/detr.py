@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import ConversionError
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
-from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages
+from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
 __all__ = ["DETR", "PostProcess", "PositionEmbeddingSine", "Transformer", "nested_tensor_from_tensor_list",
@@ -433,16 +434,7 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
                   replace_stride_with_dilation=(False, False, bool(dilation)))
     if pretrained_backbone:
-        from zoo.models.resnet import resnet50_imagenet_source
-        from zoo.weights import load_state_dict
-
-        if tuple(backbone_layers) != (3, 4, 6, 3) or backbone_width_div != 1:
-            raise ValueError("pretrained_backbone=True needs the full ResNet-50 backbone")
-        entry = resnet50_imagenet_source()
-        state = load_state_dict(entry.source, sha256=entry.sha256, converter=entry.converter, model=body)
-        from zoo.convert import load_into
-
-        load_into(body, state, strict=True)
+        load_imagenet_resnet50(body)
     backbone = _Joiner(_Backbone(body, trainable_backbone_layers), PositionEmbeddingSine(hidden_dim // 2, normalize=True))
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
@@ -513,8 +505,6 @@ def kwargs_from_checkpoint(checkpoint) -> dict:
     defaults, or kwargs given to the converter, describe the model). Backbones: 'resnet50',
     'resnet101' and reduced '<name>_div<N>' (width / N, as in the test fixture).
     """
-    from zoo.errors import ConversionError
-
     args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if args is None:
         return {}

@@ -32,7 +32,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from zoo.layers.rpa import MultiheadNonlocal2d
-from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, resnet50_imagenet_source
+from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
 
@@ -164,14 +164,7 @@ class HandRaiseRCNN(FasterRCNN):
             detector_kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
             num_classes = None  # torchvision takes the class count from the predictor then
         if pretrained_backbone:
-            from zoo.convert import load_into
-            from zoo.weights import load_state_dict
-
-            if tuple(backbone_layers) != (3, 4, 6, 3) or backbone_width_div != 1:
-                raise ValueError("pretrained_backbone=True needs the full ResNet-50 backbone")
-            entry = resnet50_imagenet_source()
-            load_into(backbone.body, load_state_dict(entry.source, sha256=entry.sha256, converter=entry.converter,
-                                                     model=backbone.body))
+            load_imagenet_resnet50(backbone.body)
         super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
         self.locality = locality
 

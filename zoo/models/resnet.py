@@ -21,7 +21,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from zoo.checkpoint import load_into
 from zoo.config import WeightsEntry
+from zoo.convert import TRANSFORMS
+from zoo.errors import ConversionError
+from zoo.weights import load_state_dict
 
 # f(stage 1..4, block index, width, stride) -> module replacing the block's 3x3 conv, or None.
 SpatialLayerFactory = Callable[[int, int, int, int], Optional[nn.Module]]
@@ -44,6 +48,50 @@ def resnet50_imagenet_source() -> WeightsEntry:
         converter="torchvision-resnet",
         note="torchvision ImageNet ResNet-50 (2017), sha256 prefix 19c8e357; top-1 76.13",
     )
+
+
+def load_imagenet_resnet50(body: "ResNet", *, source: Optional[str] = None, sha256: Optional[str] = None,
+                           skip: Sequence[str] = (), allow_missing: Sequence[str] = (),
+                           inflate: Optional[bool] = None) -> None:
+    """Load torchvision ImageNet ResNet-50 weights into ``body``, the one backbone loader of the zoo.
+
+    The file goes through the weights resolver and the ``torchvision-resnet`` map (old and new
+    torchvision files: ``fc.*`` dropped, missing ``num_batches_tracked`` filled), is loaded strictly
+    into a plain 2D ResNet of ``body``'s shape, and is then copied into ``body``:
+
+    Args:
+        body: the shared :class:`ResNet` (any norm layer; ``conv_dims=3`` for inflated networks).
+        source, sha256: a weights source holding a torchvision ResNet state dict; default torchvision's
+            2017 ResNet-50 file, which needs ``body`` to be the full ResNet-50 (ValueError otherwise).
+        skip: key prefixes of ``body`` that keep their initialisation (e.g. RSA blocks ``'layer1.2.'``).
+        allow_missing: key prefixes of modules ``body`` has beyond a ResNet (e.g. RGA's ``'rga_att'``).
+        inflate: turn 2D kernels (O, I, kh, kw) into 3D ones (O, I, 1, kh, kw); default: when ``body`` is 3D.
+
+    Raises ConversionError when the weights leave a key of ``body`` other than those unfilled, or
+    bring one it lacks.
+    """
+    layers = tuple(len(stage) for stage in body.stages)
+    if not hasattr(body, "conv1"):
+        raise ValueError("ImageNet ResNet weights need a ResNet with the standard stem (conv1/bn1)")
+    width_div = 64 // body.conv1.out_channels
+    if source is None:
+        if layers != (3, 4, 6, 3) or width_div != 1:
+            raise ValueError(f"pretrained_backbone=True needs the full ResNet-50 backbone, got blocks {list(layers)} "
+                             f"at 1/{width_div} width")
+        entry = resnet50_imagenet_source()
+        source, sha256 = entry.source, entry.sha256
+    plain = ResNet(layers=layers, width_div=width_div)
+    load_into(plain, load_state_dict(source, sha256=sha256, converter="torchvision-resnet", model=plain))
+    if inflate is None:
+        inflate = body.conv_dims == 3
+    skip = tuple(skip)
+    state = {key: (TRANSFORMS["unsqueeze_temporal"](value) if inflate else value)
+             for key, value in plain.state_dict().items() if not key.startswith(skip)}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    unfilled = [key for key in missing if not key.startswith(skip + tuple(allow_missing))]
+    if unexpected or unfilled:
+        raise ConversionError(f"ImageNet backbone from {source} does not fit {type(body).__name__} "
+                              f"(missing {unfilled[:5]}, unexpected {unexpected[:5]})")
 
 
 #: The parts of a ResNet that detectors freeze from the front: stem (conv1 + bn1), then each stage.

@@ -21,8 +21,9 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from zoo.errors import ConversionError
 from zoo.layers.rga import RGA_Module
-from zoo.models.resnet import ResNet, resnet50_imagenet_source
+from zoo.models.resnet import ResNet, load_imagenet_resnet50
 from zoo.registry import register_model
 
 __all__ = ["RGABackbone", "RGAResNet50", "rga_sc_resnet50", "rga_sc_mini", "rga_s_resnet50", "rga_c_resnet50"]
@@ -136,24 +137,10 @@ class RGAResNet50(nn.Module):
     def load_imagenet_backbone(self, source: Optional[str] = None, sha256: Optional[str] = None) -> None:
         """Copy a torchvision ResNet-50 state dict into ``backbone.conv1/bn1/layer1..4`` (spec §3.1).
 
-        ``source`` defaults to torchvision's 2017 file. It is converted by the ``torchvision-resnet``
-        map against a plain ResNet-50 of the same shape (``fc.*`` dropped, missing
-        ``num_batches_tracked`` filled with 0); every other backbone key must be filled.
+        ``source`` defaults to torchvision's 2017 file; every backbone key but the RGA modules'
+        must be filled (see :func:`zoo.models.resnet.load_imagenet_resnet50`).
         """
-        from zoo.convert import load_into
-        from zoo.errors import ConversionError
-        from zoo.weights import load_state_dict
-
-        if source is None:
-            entry = resnet50_imagenet_source()
-            source, sha256 = entry.source, entry.sha256
-        # Convert and check strictly against a plain ResNet-50 of the same shape (no RGA modules),
-        # then copy it over: every backbone key must be filled, the RGA modules are left alone.
-        plain = ResNet(layers=self.backbone.layers, width_div=self.backbone.width_div, last_stride=1)
-        load_into(plain, load_state_dict(source, sha256=sha256, converter="torchvision-resnet", model=plain))
-        missing, unexpected = self.backbone.load_state_dict(plain.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("rga_att") for k in missing):  # pragma: no cover - same ResNet
-            raise ConversionError(f"ImageNet backbone from {source} does not fit the RGA backbone")
+        load_imagenet_resnet50(self.backbone, source=source, sha256=sha256, allow_missing=("rga_att",))
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, 3, H, W]`` -> ``(feat_, feat)``, both ``[B, 2048]`` (before / after the BN-neck)."""
@@ -223,8 +210,6 @@ def kwargs_from_checkpoint(checkpoint) -> dict:
 
 def check_variant(state_dict: dict, checkpoint, target_state_dict) -> dict:
     """Refuse, with the model name to use, a checkpoint whose RGA variant differs from the target's."""
-    from zoo.errors import ConversionError
-
     if target_state_dict is None:
         return state_dict
     source, target = _branches(state_dict), _branches(target_state_dict)

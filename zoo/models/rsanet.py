@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor, nn
 
 from zoo.layers.rsa import RSA
-from zoo.models.resnet import ResNet, resnet50_imagenet_source
+from zoo.models.resnet import ResNet, load_imagenet_resnet50
 from zoo.registry import register_model
 
 __all__ = ["RSANet", "RSA_POSITIONS", "rsanet_r50", "rsanet_r50_ssv1_16f", "rsanet_r50_ssv2_16f", "rsanet_mini",
@@ -98,28 +98,13 @@ class RSANet(nn.Module):
         return [f"layer{s}.{b}" for s, blocks in enumerate(self.rsa_positions, start=1) for b in blocks]
 
     def load_imagenet_backbone(self, source: Optional[str] = None, sha256: Optional[str] = None) -> None:
-        """ImageNet ResNet-50 weights into the stem and every non-RSA block (spec §2.4.3).
+        """ImageNet ResNet-50 weights, inflated to 3D, into the stem and every non-RSA block (spec §2.4.3).
 
         Every key of an RSA block (its conv1, bn1, bn2, conv3, bn3 too) is skipped, as in the
         original, so RSA blocks start fully random; the ImageNet fc is dropped.
         """
-        from zoo.convert import load_into
-        from zoo.errors import ConversionError
-        from zoo.weights import load_state_dict
-
-        if source is None:
-            entry = resnet50_imagenet_source()
-            source, sha256 = entry.source, entry.sha256
-        base = self.base_model
-        plain = ResNet(layers=tuple(len(s) for s in base.stages), width_div=64 // base.conv1.out_channels)
-        load_into(plain, load_state_dict(source, sha256=sha256, converter="torchvision-resnet", model=plain))
         skip = tuple(f"{name}." for name in self.rsa_blocks())
-        state = {k: (v.unsqueeze(2) if v.dim() == 4 else v) for k, v in plain.state_dict().items()
-                 if not k.startswith(skip)}
-        missing, unexpected = base.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith(skip) for k in missing):
-            raise ConversionError(f"ImageNet backbone from {source} does not fit RSANet's base_model "
-                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        load_imagenet_resnet50(self.base_model, source=source, sha256=sha256, skip=skip)
 
     def to_clip(self, x: Tensor) -> Tensor:
         """(B, 3T, H, W) or (B, 3, T, H, W) -> (B, 3, T, H, W), checking T == num_segments."""

@@ -1,0 +1,282 @@
+"""Checkpoints at the lowest level: read any file safely, compare and load state dicts, write safetensors.
+
+- :func:`load_checkpoint` reads a file without executing anything in it. Pickles (``.pth``,
+  ``.pth.tar``, ``.pkl``, ``.t7``, ``.tar``; both torch's zip format and the legacy pre-1.6 / torch 0.4
+  format) go through ``torch.load(weights_only=True, map_location='cpu')`` with a small explicit
+  allow-list of what old training checkpoints hold (:func:`allowed_globals`). Any other global is
+  refused with :class:`~zoo.errors.CheckpointError` naming it, and is never executed.
+  ``.safetensors`` files are read with safetensors.
+- :func:`as_state_dict` insists that what was read is a flat ``dict[str, Tensor]``.
+- :func:`compare_state_dicts` / :func:`load_into` check key names and shapes against a model and
+  load strictly, reporting missing, unexpected and mis-shaped keys together (:class:`LoadReport`).
+- :func:`state_dict_signature` identifies a target layout; :func:`save_safetensors` writes one.
+
+This is the engine's floor (timm's ``_helpers.py`` role): it imports no other zoo module but
+:mod:`zoo.errors` and :mod:`zoo._fs`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from zoo._fs import first_line
+from zoo.errors import CheckpointError, ConversionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PICKLE_SUFFIXES", "LoadReport", "allowed_globals", "as_state_dict", "compare_state_dicts", "load_checkpoint",
+    "load_into", "save_safetensors", "state_dict_signature",
+]
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".pth.tar", ".pkl", ".t7", ".tar", ".bin", ".ckpt")
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+
+# --------------------------------------------------------------------------------------------
+# Safe loading
+# --------------------------------------------------------------------------------------------
+
+
+def allowed_globals() -> list:
+    """What ``torch.load(weights_only=True)`` may rebuild on top of torch's own defaults.
+
+    Old training checkpoints hold, next to tensors: the run's ``argparse.Namespace`` (DETR's
+    ``args``), numpy scalars / arrays (``best_prec1``, ``best_rank1``) and, from numpy 2, the dtype
+    classes they BUILD. numpy 1.x pickles name ``numpy.core.multiarray.*`` and numpy 2 pickles
+    ``numpy._core.multiarray.*``; both names are listed. None of these run code on construction.
+    """
+    try:  # numpy >= 2
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
+
+    entries: list = [argparse.Namespace, collections.defaultdict, np.ndarray, np.dtype,
+                     multiarray.scalar, multiarray._reconstruct]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        entries.append((multiarray.scalar, f"{module}.scalar"))
+        entries.append((multiarray._reconstruct, f"{module}._reconstruct"))
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype, BUILD needs them allowed
+    if dtypes is not None:
+        entries += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return entries
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _refused_global(message: str) -> str | None:
+    """The ``module.name`` torch's weights-only unpickler refused, parsed from its message."""
+    match = _GLOBAL_RE.search(message)
+    if match is None:
+        return None
+    name = match.group(1)
+    return name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file without executing anything in it.
+
+    Returns what the file holds: for pickles usually a dict (a flat state dict or a training
+    container such as ``{'state_dict': ..., 'epoch': ..., 'args': Namespace}``), for
+    ``.safetensors`` a ``dict[str, Tensor]``. Every tensor is on the CPU (CUDA storages are mapped).
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt, and
+    naming the global when the pickle references anything outside torch's defaults and
+    :func:`allowed_globals` (that global is never imported or called).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.name.endswith(".safetensors"):
+        return _load_safetensors(path)
+    return _load_pickle(path)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: corrupt or truncated ({exc})") from exc
+
+
+def _load_pickle(path: Path) -> Any:
+    def attempt(**extra):
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, **extra)
+
+    try:
+        try:
+            return attempt()
+        except UnicodeDecodeError:
+            # Python 2 pickles (torch 0.3/0.4 era) hold byte strings that only latin1 decodes 1:1.
+            return attempt(encoding="latin1")
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        name = _refused_global(message)
+        if name is not None:
+            raise CheckpointError(
+                f"checkpoint {path} references the global '{name}', which RelZoo does not load "
+                f"(loading it could run code); it was not executed. Allowed beyond torch's defaults: "
+                f"argparse.Namespace, numpy scalars/arrays/dtypes, collections.defaultdict"
+            ) from None
+        if "Invalid magic number" in message:
+            return _load_plain_pickle(path, exc)
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated ({first_line(message)})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError, KeyError) as exc:
+        if "Invalid magic number" in str(exc):  # not written by torch.save: maybe a plain pickle
+            return _load_plain_pickle(path, exc)
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated "
+                              f"({type(exc).__name__}: {first_line(str(exc))})") from exc
+
+
+def _load_plain_pickle(path: Path, original: Exception) -> Any:
+    """A ``.pkl`` written by ``pickle.dump`` rather than ``torch.save`` (numpy arrays become tensors).
+
+    Uses torch's weights-only unpickler directly with the same allow-list, so the same refusals apply.
+    """
+    try:
+        from torch import _weights_only_unpickler as wou
+    except ImportError:  # pragma: no cover - only if torch drops the module
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch file ({original})") from original
+    try:
+        with torch.serialization.safe_globals(allowed_globals()), open(path, "rb") as f:
+            obj = wou.Unpickler(f, encoding="latin1").load()
+    except Exception as exc:  # the unpickler raises many types for garbage input
+        name = _refused_global(str(exc))
+        if name is not None:
+            raise CheckpointError(f"checkpoint {path} references the global '{name}', which RelZoo does not load "
+                                  f"(loading it could run code); it was not executed") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: neither a torch file nor a plain pickle "
+                              f"({type(exc).__name__}: {first_line(str(exc))})") from exc
+    return _numpy_to_torch(obj)
+
+
+def _numpy_to_torch(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _numpy_to_torch(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing and loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What did not fit: key lists, and ``mismatched`` as ``key -> (checkpoint shape, model shape)``."""
+
+    missing: dict[str, tuple[int, ...]] = field(default_factory=dict)       # key -> model shape
+    unexpected: dict[str, tuple[int, ...]] = field(default_factory=dict)    # key -> checkpoint shape
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    target: str = "model"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __bool__(self) -> bool:  # truthy when something is wrong, like a list of problems
+        return not self.ok
+
+    def format(self, limit: int = 40) -> str:
+        """A multi-line report; each list shows at most ``limit`` entries."""
+        if self.ok:
+            return f"state dict fits {self.target}"
+        lines = [f"state dict does not fit {self.target}: {len(self.missing)} missing, "
+                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mis-shaped"]
+
+        def section(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"  {title}:")
+                lines.extend(f"    {s}" for s in items[:limit])
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more")
+
+        section("missing (in the model, not in the weights)", [f"{k} {list(s)}" for k, s in self.missing.items()])
+        section("unexpected (in the weights, not in the model)", [f"{k} {list(s)}" for k, s in self.unexpected.items()])
+        section("mis-shaped", [f"{k}: weights {list(a)} vs model {list(b)}" for k, (a, b) in self.mismatched.items()])
+        if self.missing and all(k.endswith(NUM_BATCHES_TRACKED) for k in self.missing):
+            lines.append("  hint: only num_batches_tracked is missing (a torch 0.4 checkpoint): convert it with a map "
+                         "that has `num_batches_tracked: fill`")
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def compare_state_dicts(state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor],
+                        target_name: str = "model") -> LoadReport:
+    """Compare key sets and shapes of ``state_dict`` against ``target``."""
+    report = LoadReport(target=target_name)
+    for key, t in target.items():
+        if key not in state_dict:
+            report.missing[key] = tuple(t.shape)
+        elif tuple(state_dict[key].shape) != tuple(t.shape):
+            report.mismatched[key] = (tuple(state_dict[key].shape), tuple(t.shape))
+    for key, t in state_dict.items():
+        if key not in target:
+            report.unexpected[key] = tuple(getattr(t, "shape", ()))
+    return report
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> LoadReport:
+    """Load ``state_dict`` into ``model``, checking key names and shapes first.
+
+    strict=True: any missing, unexpected or mis-shaped key raises one ConversionError listing all of
+    them (with shapes) and the model is left untouched. strict=False: loads what fits, logs the
+    same report as a warning, and returns it. Returns the (empty when all fits) LoadReport.
+    """
+    report = compare_state_dicts(state_dict, model.state_dict(), target_name=type(model).__name__)
+    if report and strict:
+        raise ConversionError(report.format())
+    fitting = {k: v for k, v in state_dict.items() if k not in report.unexpected and k not in report.mismatched}
+    model.load_state_dict(fitting, strict=not report)
+    if report:
+        logger.warning("%s", report.format())
+    return report
+
+
+def state_dict_signature(state_dict: Mapping[str, Tensor]) -> str:
+    """A short hash of a state dict's key names, shapes and dtypes (not values): identifies a target layout."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        digest.update(f"{key}:{list(t.shape)}:{t.dtype}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors: CPU, contiguous, and every tensor its own storage (clones)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+
+
+def as_state_dict(obj: Any, where: Any) -> dict[str, Tensor]:
+    """``obj`` as a flat ``dict[str, Tensor]``; a training container or anything else is a CheckpointError
+    naming ``where`` (and, for a container, its top-level keys and the way to convert it)."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise CheckpointError(f"{where} is not a flat state dict (top-level keys: {keys}); it is an original "
+                              f"training checkpoint: pass converter=<map in convert/> (see `python -m zoo convert`)")
+    raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict")
