@@ -58,17 +58,23 @@ def _registered() -> dict[str, Callable[..., nn.Module]]:
 
 
 def _unknown(name: str) -> UnknownModelError:
-    close = difflib.get_close_matches(name, list(_registered()), n=5, cutoff=0.5)
+    known = set(_registered()) | set(all_model_configs())
+    close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -m zoo list`"
     return UnknownModelError(f"unknown model '{name}'{hint}")
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
-    """Registered names matching an fnmatch ``pattern``; ``pretrained=True`` lists ``name.tag`` for
-    every weights entry instead (what ``create_model(..., pretrained=True)`` can load)."""
+    """Model names matching an fnmatch ``pattern``; ``pretrained=True`` lists ``name.tag`` for every
+    weights entry instead (what ``create_model(..., pretrained=True)`` can load).
+
+    The names are those of ``configs/*.yaml`` and of constructors registered so far: every model of
+    :mod:`zoo.models` has both (a test holds them equal), so listing imports no model code (the
+    detection models pull in torchvision's detection package, which ``zoo list`` does not need).
+    """
     configs = all_model_configs()
     names = []
-    for name in sorted(_registered()):
+    for name in sorted(set(configs) | set(_constructors)):
         if pretrained:
             names += [f"{name}.{tag}" for tag in configs[name].weights] if name in configs else []
         else:
@@ -77,14 +83,14 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
 
 def model_info(name: str) -> ModelConfig:
-    """The config of ``name`` (a ``.tag`` suffix is accepted and ignored)."""
+    """The config of ``name`` (a ``.tag`` suffix is accepted and ignored); imports no model code."""
     base, _ = split_name(name)
+    configs = all_model_configs()
+    if base in configs:
+        return configs[base]
     if base not in _registered():
         raise _unknown(base)
-    configs = all_model_configs()
-    if base not in configs:
-        raise ConfigError(f"model '{base}' is registered in code but has no entry in configs/*.yaml")
-    return configs[base]
+    raise ConfigError(f"model '{base}' is registered in code but has no entry in configs/*.yaml")
 
 
 def model_constructor(name: str) -> Callable[..., nn.Module]:
