@@ -1,4 +1,9 @@
-"""Regenerate the model table in README.md from the registry (``--check`` fails when it is stale).
+"""Regenerate README.md's generated tables (``--check`` fails when one is stale).
+
+- ``model-table``: every registered model, from the registry and ``configs/``;
+- ``env-table``: every environment variable RelZoo reads, from ``zoo.paths.ENVIRONMENT``.
+
+Each sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 
     python scripts/model_table.py          # rewrite README.md
     python scripts/model_table.py --check  # exit 1 if README.md differs
@@ -10,9 +15,9 @@ import sys
 from pathlib import Path
 
 import zoo
+from zoo.paths import environment_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
 
 
 def model_table() -> str:
@@ -26,11 +31,17 @@ def model_table() -> str:
     return "\n".join(lines)
 
 
+TABLES = {"model-table": model_table, "env-table": environment_table}
+
+
 def render(text: str) -> str:
-    head, sep, rest = text.partition(BEGIN)
-    if not sep or END not in rest:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
-    return f"{head}{BEGIN}\n{model_table()}\n{END}{rest.split(END, 1)[1]}"
+    for name, make in TABLES.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        head, sep, rest = text.partition(begin)
+        if not sep or end not in rest:
+            raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
+        text = f"{head}{begin}\n{make()}\n{end}{rest.split(end, 1)[1]}"
+    return text
 
 
 def main() -> int:
@@ -41,7 +52,7 @@ def main() -> int:
     wanted = render(current)
     if args.check:
         if wanted != current:
-            print("README.md model table is stale: run python scripts/model_table.py", file=sys.stderr)
+            print("README.md's generated tables are stale: run python scripts/model_table.py", file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted, encoding="utf-8")

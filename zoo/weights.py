@@ -157,35 +157,40 @@ def _normalise_sha(sha256: str | None) -> str | None:
 
 
 def _record_path(path: Path) -> Path:
+    """Where the hash record of a plain download lives: ``<file>.sha256.json`` next to it."""
     return path.with_name(path.name + ".sha256.json")
 
 
-def _read_record(path: Path) -> dict | None:
-    """The recorded hash of a cached file, if the file is unchanged since it was recorded."""
+def _read_record(record_path: Path, path: Path) -> dict | None:
+    """The hash record of ``path`` stored at ``record_path``, if the file is unchanged since it was recorded."""
     try:
-        record = json.loads(_record_path(path).read_text())
+        record = json.loads(record_path.read_text())
         stat = path.stat()
     except (OSError, ValueError):
         return None
-    if record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
+    if not isinstance(record, dict) or record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
+        return None
+    if not _SHA256_RE.match(str(record.get("sha256", ""))):
         return None
     return record
 
 
-def _write_record(path: Path, sha: str, source: str) -> None:
+def _write_record(record_path: Path, path: Path, sha: str, source: str) -> None:
+    """Record ``path``'s sha256 with its size and mtime, so an unchanged file is not hashed again."""
     stat = path.stat()
     record = {"source": source, "sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
               "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(_record_path(path), json.dumps(record, indent=2) + "\n")
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
 
 
 def _cached_sha(path: Path, source: str) -> str:
     """sha256 of a cache file, from its record when unchanged, else computed and recorded."""
-    record = _read_record(path)
-    if record and _SHA256_RE.match(str(record.get("sha256", ""))):
+    record = _read_record(_record_path(path), path)
+    if record:
         return record["sha256"]
     sha = sha256_file(path)
-    _write_record(path, sha, source)
+    _write_record(_record_path(path), path, sha, source)
     return sha
 
 
@@ -276,7 +281,7 @@ def _fetch_url(src: Source, sha: str | None) -> Path:
             part.unlink(missing_ok=True)
             raise _mismatch(url, sha, actual, deleted=path)
         os.replace(part, path)
-        _write_record(path, actual, url)
+        _write_record(_record_path(path), path, actual, url)
         if sha is None:
             _announce_first_hash(url, actual)
     return path
@@ -308,7 +313,7 @@ def _copy_from_torch_hub(path: Path, url: str, sha: str | None) -> bool:
     tmp = path.with_name(path.name + ".part")
     shutil.copyfile(candidate, tmp)
     os.replace(tmp, path)
-    _write_record(path, actual, url)
+    _write_record(_record_path(path), path, actual, url)
     if sha is None:
         _announce_first_hash(url, actual)
     logger.info("reused %s from torch.hub's cache", candidate)
@@ -492,13 +497,10 @@ def _hf_record_path(path: Path) -> Path:
 
 
 def _verify_hf_file(path: Path, where: str, sha: str | None) -> None:
+    """Check a Hub file against ``sha`` (its recorded hash when unchanged); a mismatch deletes it."""
     blob = path.resolve()
     record_path = _hf_record_path(path)
-    record = None
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads(record_path.read_text())
-        if record.get("size") != blob.stat().st_size or record.get("mtime_ns") != blob.stat().st_mtime_ns:
-            record = None
+    record = _read_record(record_path, blob)
     actual = record["sha256"] if record else sha256_file(blob)
     if sha is not None and actual != sha:
         blob.unlink(missing_ok=True)
@@ -507,10 +509,7 @@ def _verify_hf_file(path: Path, where: str, sha: str | None) -> None:
         record_path.unlink(missing_ok=True)
         raise _mismatch(where, sha, actual, deleted=blob)
     if record is None:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        stat = blob.stat()
-        atomic_write_text(record_path, json.dumps({"source": where, "sha256": actual, "size": stat.st_size,
-                                                    "mtime_ns": stat.st_mtime_ns}, indent=2) + "\n")
+        _write_record(record_path, blob, actual, where)
         if sha is None:
             _announce_first_hash(where, actual)
 
