@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 
 from zoo.errors import DatasetError
 
-__all__ = ["DATASETS", "SIZES", "SPLITS", "MARKER", "make_dataset", "dataset_info", "add_cli",
+__all__ = ["DATASETS", "SUMMARIES", "SIZES", "SPLITS", "MARKER", "make_dataset", "dataset_info", "summary",
            "DET_CATEGORIES", "HAND_CATEGORIES", "VIDEO_CLASSES", "CLS_CLASSES", "CLS_WNIDS"]
 
 SIZES = ("default", "tiny")
@@ -1067,7 +1067,8 @@ DATASETS: dict[str, Callable[..., Path]] = {
 }
 
 
-_SUMMARIES = {
+#: kind -> what it holds, in one line (``python -m zoo data make --help``).
+SUMMARIES = {
     "shapes-det": "COCO 2017 detection of circles/squares/triangles (DETR+iRPE mini)",
     "shapes-reid": "Market-1501 person re-id of synthetic pedestrians (RGA-SC mini)",
     "moving-shapes": "Something-Something v1 frame folders, 8 temporal-order classes (RSANet mini)",
@@ -1098,30 +1099,14 @@ def dataset_info(out: Path) -> dict:
     return json.loads(marker.read_text(encoding="utf-8"))
 
 
-def _cmd_make(args) -> int:
-    out = make_dataset(args.kind, Path(args.out), split=args.split, seed=args.seed, size=args.size)
+def summary(out: Path, split: str = "all") -> list[str]:
+    """One line per generated split of ``split`` in ``out``: kind, seed, size, counts and chance levels."""
     info = dataset_info(out)
-    for split in _splits(args.split):
-        entry = info["splits"][split]
+    lines = []
+    for name in _splits(split):
+        entry = info["splits"][name]
         counts = ", ".join(f"{v} {k}" for k, v in sorted(entry["counts"].items()))
         chance = entry.get("chance")
         chance_text = ("; chance " + ", ".join(f"{k} {v:g}%" for k, v in sorted(chance.items()))) if chance else ""
-        print(f"{args.kind} {split} (seed {entry['seed']}, {entry['size']}): {counts}{chance_text}")
-    print(f"wrote {out}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Add ``data make KIND --out DIR [--split] [--seed] [--size]`` to ``python -m zoo``."""
-    parser = subparsers.add_parser("data", help="generate the synthetic mini datasets",
-                                   description="Synthetic datasets in the original datasets' on-disk formats.")
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    make = sub.add_parser("make", help="write a synthetic dataset",
-                          description="Write a synthetic dataset (deterministic: the same seed gives the same "
-                                      "bytes). Kinds: " + "; ".join(f"{k}: {v}" for k, v in _SUMMARIES.items()))
-    make.add_argument("kind", choices=list(DATASETS))
-    make.add_argument("--out", required=True, help="output folder (new, empty, or written before for this kind)")
-    make.add_argument("--split", choices=SPLITS, default="all", help="which split(s) to write (default: all)")
-    make.add_argument("--seed", type=int, default=0, help="random seed (non-negative, default 0)")
-    make.add_argument("--size", choices=SIZES, default="default", help="'tiny' writes tens of samples, for tests")
-    make.set_defaults(func=_cmd_make)
+        lines.append(f"{info['kind']} {name} (seed {entry['seed']}, {entry['size']}): {counts}{chance_text}")
+    return lines
