@@ -87,7 +87,8 @@ class _Deterministic:
         self.saved = {
             "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if cuda else None,
-            "flags": (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+            "flags": (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled()),
             "cublas": os.environ.get(self._CUBLAS),
         }
         if self.saved["cublas"] is None:

@@ -335,9 +335,10 @@ class ReidTask(TrainTask):
     def for_model(cls, model: nn.Module, data_dir: Path, *, model_kwargs: dict, num_instances: int,
                   **common) -> TrainTask:
         task = cls(data_dir, num_instances=num_instances, **common)
-        if "height" in model_kwargs and (task.height, task.width) != (model_kwargs["height"], model_kwargs.get("width")):
+        built_for = (model_kwargs.get("height"), model_kwargs.get("width"))
+        if built_for[0] is not None and (task.height, task.width) != built_for:
             raise ValueError(f"re-id input_size {[task.height, task.width]} differs from the model's "
-                             f"height x width {model_kwargs['height']} x {model_kwargs.get('width')}")
+                             f"height x width {built_for[0]} x {built_for[1]}")
         return task
 
     @property
@@ -508,7 +509,8 @@ class VideoTask(TrainTask):
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise TypeError("video training expects (B, num_classes) logits")
         if int(labels.max()) >= logits.shape[1]:
-            raise DatasetError(f"{self.list_file} has label {int(labels.max())} but the model has {logits.shape[1]} classes")
+            raise DatasetError(f"{self.list_file} has label {int(labels.max())} but the model has "
+                               f"{logits.shape[1]} classes")
         return F.cross_entropy(logits, labels.to(device))
 
     def describe(self) -> dict:
