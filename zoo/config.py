@@ -88,7 +88,7 @@ class Preprocessing(Mapping):
         """
         if isinstance(raw, Preprocessing):
             return raw
-        data = _check_fields(raw, cls, where)
+        data = _check_fields(dict(raw) if isinstance(raw, Mapping) else raw, cls, where)
         pre = cls(**{name: _PREPROCESSING_CHECKS[name](value, f"{where}.{name}")
                      for name, value in data.items() if value is not None})
         if pre.resize is not None and pre.input_size is not None and (

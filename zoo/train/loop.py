@@ -70,8 +70,8 @@ def _dataset_record(data_dir: Path, task: TrainTask) -> dict:
 
 
 class _Deterministic:
-    """Context for one training run: seeds every generator (Python's, numpy's, torch's, CUDA's) with
-    ``seed`` and turns on deterministic algorithms (and cuBLAS's deterministic workspace, unless
+    """Context for one training run: seeds every generator (Python's, numpy's, torch's, and CUDA's when
+    the run uses CUDA) with ``seed`` and turns on deterministic algorithms (and cuBLAS's deterministic workspace, unless
     ``CUBLAS_WORKSPACE_CONFIG`` is set); on exit it puts back the generators' states, the flags and
     the environment as they were, so a caller's random streams go on as if nothing had run.
     """
@@ -83,10 +83,10 @@ class _Deterministic:
         self.device = torch.device(device)
 
     def __enter__(self):
-        cuda = self.device.type == "cuda" or torch.cuda.is_initialized()
+        self.cuda = self.device.type == "cuda" or torch.cuda.is_initialized()
         self.saved = {
             "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            "cuda": torch.cuda.get_rng_state_all() if self.cuda else None,
             "flags": (torch.are_deterministic_algorithms_enabled(),
                       torch.is_deterministic_algorithms_warn_only_enabled()),
             "cublas": os.environ.get(self._CUBLAS),
@@ -96,7 +96,9 @@ class _Deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)  # and every CUDA device's generator
+        torch.default_generator.manual_seed(self.seed)
+        if self.cuda:  # only then: seeding an unstarted CUDA would take effect when it starts, after the run
+            torch.cuda.manual_seed_all(self.seed)
         return self
 
     def __exit__(self, *exc):
@@ -104,7 +106,7 @@ class _Deterministic:
         random.setstate(saved["python"])
         np.random.set_state(saved["numpy"])
         torch.set_rng_state(saved["torch"])
-        if saved["cuda"] is not None:
+        if self.cuda:
             torch.cuda.set_rng_state_all(saved["cuda"])
         torch.use_deterministic_algorithms(saved["flags"][0], warn_only=saved["flags"][1])
         if saved["cublas"] is None:
