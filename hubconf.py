@@ -8,7 +8,7 @@ Each entrypoint is ``zoo.create_model(name, pretrained=..., **kwargs)``; its doc
 public names here: torch.hub lists every public callable of this module.
 """
 import zoo as _zoo
-from zoo.cli import format_info as _format_info
+from zoo.registry import format_info as _format_info
 
 dependencies = ["torch", "torchvision", "safetensors", "huggingface_hub", "yaml", "numpy"]
 

@@ -67,3 +67,42 @@ def test_export_writes_a_folder_that_loads_back(tmp_path):
 
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+# Every command, as `python -m zoo COMMAND --help` spells it.
+COMMANDS = ["list", "info", "convert", "export", "predict", "eval", "train", "data", "data make", "demo"]
+
+
+def _imported_modules(*args) -> set[str]:
+    """The modules `python -X importtime -m zoo ARGS` imports (importtime writes one stderr line per module)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "zoo", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_commands_cover_the_parser():
+    import argparse
+
+    from zoo.cli import build_parser
+
+    def names(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield prefix + name
+                    yield from names(child, f"{prefix}{name} ")
+
+    assert sorted(names(build_parser())) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", [""] + COMMANDS)
+def test_help_imports_no_torch(command):
+    """Arguments are parsed before torch is imported: every --help answers at once."""
+    modules = _imported_modules(*command.split(), "--help")
+    assert "zoo.cli" in modules and "torch" not in modules
+
+
+def test_list_imports_no_detection_code():
+    modules = _imported_modules("list")
+    assert not any(m.startswith("torchvision.models.detection") for m in modules)

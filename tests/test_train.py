@@ -211,3 +211,39 @@ def test_cli_train(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epoch 1/1  loss" in printed and f"wrote {out}" in printed
     assert zoo.create_model(name, weights=out) is not None
+
+
+def test_deterministic_mode_restores_what_it_changes(monkeypatch):
+    """The generators go on as if no training had run; the flags and the environment are as before."""
+    import os
+    import random
+
+    from zoo.train.loop import _Deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+
+    def seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    seed_all(1)
+    expected = draws()
+    seed_all(1)
+    with _Deterministic(seed=3):
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        seeded = draws()
+    assert draws() == expected
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == flags
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with _Deterministic(seed=3):
+        assert draws() == seeded  # the same seed, the same draws
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a caller's own setting is kept
+    with _Deterministic(seed=3):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

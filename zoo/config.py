@@ -1,13 +1,14 @@
 """Typed model configs, read from ``configs/<family>.yaml``.
 
 One YAML per family holds, for each registered model: its task, the constructor
-kwargs, the preprocessing, the evaluation protocol, the weights entries (by tag)
-and the reported metrics with their source. A malformed file is a
+kwargs, the preprocessing (:class:`Preprocessing`), the evaluation protocol, the weights
+entries (by tag) and the reported metrics with their source. A malformed file is a
 :class:`~zoo.errors.ConfigError` naming the file and the field.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +54,125 @@ class ReportedMetric:
     note: str = ""
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True, repr=False)
+class Preprocessing(Mapping):
+    """How an image (or a video's frames) becomes the model's input, as the model's config states it.
+
+    Field names follow timm's pretrained configs where they exist. A field left None is not
+    stated: the transform that needs it uses its own default (:mod:`zoo.data.transforms`, which
+    also holds the ImageNet mean and std). Sizes are (height, width) in pixels.
+
+    As a read-only mapping it holds the stated fields only, so ``dict(pre)`` is what the config
+    says (JSON-ready) and ``Preprocessing.parse({**pre, "max_size": 96}, where)`` overrides a field.
+    """
+
+    input_size: Optional[tuple[int, int]] = None  # the network's input; for video the crop of each frame
+    resize: Optional[tuple[int, int]] = None  # video: every frame resized to exactly this before the crop
+    resize_shorter: Optional[int] = None  # detection (DETR): the shorter side becomes this ...
+    max_size: Optional[int] = None  # ... unless the longer side would then exceed this
+    crop_pct: Optional[float] = None  # classification: resize to input_size / crop_pct, then centre crop
+    mean: Optional[tuple[float, float, float]] = None  # per RGB channel, of pixels scaled to [0, 1]
+    std: Optional[tuple[float, float, float]] = None
+    interpolation: Optional[str] = None  # one of INTERPOLATIONS
+    num_frames: Optional[int] = None  # video: frames sampled per clip (T)
+    layout: Optional[str] = None  # the input tensor's layout in words, for readers (e.g. "B,3T,H,W")
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Preprocessing:
+        """Validate a mapping (a config's ``preprocessing:``, or overrides of it) into a Preprocessing.
+
+        Unknown fields, wrong types and bad values are a ConfigError naming ``where`` and the field.
+        """
+        if isinstance(raw, Preprocessing):
+            return raw
+        data = _check_fields(dict(raw) if isinstance(raw, Mapping) else raw, cls, where)
+        pre = cls(**{name: _PREPROCESSING_CHECKS[name](value, f"{where}.{name}")
+                     for name, value in data.items() if value is not None})
+        if pre.resize is not None and pre.input_size is not None and (
+                pre.resize[0] < pre.input_size[0] or pre.resize[1] < pre.input_size[1]):
+            raise ConfigError(f"{where}.resize: {list(pre.resize)} must be at least input_size "
+                              f"{list(pre.input_size)} (the crop is taken from the resized frames)")
+        return pre
+
+    def __getitem__(self, name: str):
+        value = getattr(self, name) if name in _PREPROCESSING_CHECKS else None
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self):
+        return (f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:  # the stated fields only
+        return f"Preprocessing({', '.join(f'{name}={value!r}' for name, value in self.items())})"
+
+
+def _size(value: Any, where: str) -> tuple[int, int]:
+    """An int n (n x n) or [height, width] of positive ints -> (height, width)."""
+    if _is_int(value) and value > 0:
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    raise ConfigError(f"{where}: expected a positive int or [height, width], got {value!r}")
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not (_is_int(value) and value > 0):
+        raise ConfigError(f"{where}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _fraction(value: Any, where: str) -> float:
+    if not (_is_number(value) and 0 < value <= 1):
+        raise ConfigError(f"{where}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _per_channel(value: Any, where: str) -> tuple[float, float, float]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)):
+        raise ConfigError(f"{where}: expected three numbers [R, G, B], got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _positive_per_channel(value: Any, where: str) -> tuple[float, float, float]:
+    channels = _per_channel(value, where)
+    if not all(v > 0 for v in channels):
+        raise ConfigError(f"{where}: expected positive numbers, got {value!r}")
+    return channels
+
+
+def _interpolation(value: Any, where: str) -> str:
+    if value not in INTERPOLATIONS:
+        raise ConfigError(f"{where}: expected one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    return _typed(value, str, where)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Preprocessing field -> its check: (value, where) -> the value stored.
+_PREPROCESSING_CHECKS = {
+    "input_size": _size, "resize": _size, "resize_shorter": _positive_int, "max_size": _positive_int,
+    "crop_pct": _fraction, "mean": _per_channel, "std": _positive_per_channel, "interpolation": _interpolation,
+    "num_frames": _positive_int, "layout": _text,
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the zoo knows about one registered model besides its code."""
@@ -62,12 +182,17 @@ class ModelConfig:
     task: str
     description: str = ""
     kwargs: dict = field(default_factory=dict)
-    preprocessing: dict = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     eval: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)  # tag -> WeightsEntry
     default_weights: Optional[str] = None
     reported: tuple = ()  # ReportedMetric, ...
     notes: str = ""
+
+    def __post_init__(self):
+        # a mapping given in code (ModelConfig(..., preprocessing={...}), dataclasses.replace) is validated as YAML is
+        where = f"model '{self.name}': preprocessing"
+        object.__setattr__(self, "preprocessing", Preprocessing.parse(self.preprocessing, where))
 
     def weights_entry(self, tag: Optional[str] = None) -> WeightsEntry:
         """The entry for ``tag`` (default: ``default_weights``); a clear error when there is none."""
@@ -122,7 +247,8 @@ def _parse_model(name: str, raw: Any, family: str, where: str) -> ModelConfig:
     data.pop("name", None)
     data.pop("family", None)
     for key in ("kwargs", "preprocessing", "eval"):
-        _typed(data.setdefault(key, {}) or {}, dict, f"{where}.{key}")
+        data[key] = _typed(data.get(key) or {}, dict, f"{where}.{key}")
+    data["preprocessing"] = Preprocessing.parse(data["preprocessing"], f"{where}.preprocessing")
     weights = {}
     for tag, entry in (_typed(data.get("weights") or {}, dict, f"{where}.weights")).items():
         w = _check_fields(entry, WeightsEntry, f"{where}.weights.{tag}", required=("source",))
@@ -177,8 +303,3 @@ def all_model_configs() -> dict[str, ModelConfig]:
                 raise ConfigError(f"{path}: model '{name}' is already defined by family '{configs[name].family}'")
             configs[name] = cfg
     return configs
-
-
-@lru_cache(maxsize=None)
-def family_configs() -> dict[str, FamilyConfig]:
-    return {p.stem: load_family_config(p) for p in sorted(configs_dir().glob("*.yaml"))}

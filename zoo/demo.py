@@ -19,15 +19,18 @@ so the differences are 0 up to floating-point noise across machines.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from zoo.eval.runner import DEFAULT_BATCH_SIZE
+from zoo.data.synthetic import MARKER, make_dataset
+from zoo.eval import DEFAULT_BATCH_SIZE
+from zoo.eval.runner import evaluate
+from zoo.paths import relzoo_home
+from zoo.registry import list_models, model_info
 
-__all__ = ["MINIS", "TOLERANCE", "DemoRow", "run_demo", "format_table", "check_rows", "add_cli"]
+__all__ = ["MINIS", "TOLERANCE", "DemoRow", "run_demo", "format_table", "check_rows"]
 
 #: Largest accepted |reproduced - reported|, in the metric's units (points of percent).
 TOLERANCE = 0.1
@@ -67,16 +70,12 @@ class DemoRow:
 
 
 def default_data_root() -> Path:
-    from zoo.paths import relzoo_home
-
     return relzoo_home() / "demo"
 
 
 def registered_minis(names: Optional[Sequence[str]] = None) -> list[Mini]:
     """The minis that are registered, optionally only ``names`` (an unknown or unregistered name is an error)."""
-    import zoo
-
-    available = set(zoo.list_models())
+    available = set(list_models())
     if names is None:
         return [m for m in MINIS if m.name in available]
     by_name = {m.name: m for m in MINIS}
@@ -92,8 +91,6 @@ def registered_minis(names: Optional[Sequence[str]] = None) -> list[Mini]:
 
 def prepare_data(mini: Mini, data_root: Path) -> Path:
     """The mini's validation split under ``data_root/<kind>``, generated unless an identical one is there."""
-    from zoo.data.synthetic import MARKER, make_dataset
-
     out = Path(data_root) / mini.kind
     marker = out / MARKER
     if marker.is_file():
@@ -109,9 +106,6 @@ def prepare_data(mini: Mini, data_root: Path) -> Path:
 def evaluate_mini(mini: Mini, data_root: Path, *, batch_size: int = DEFAULT_BATCH_SIZE,
                   progress: bool = False) -> list[DemoRow]:
     """Generate, load by name with its pretrained weights, evaluate; one row per measured metric."""
-    from zoo.eval.runner import evaluate
-    from zoo.registry import model_info
-
     data_dir = prepare_data(mini, data_root)
     result = evaluate(mini.name, data_dir, batch_size=batch_size, progress=progress)
     family = model_info(mini.name).family
@@ -157,41 +151,3 @@ def check_rows(rows: Sequence[DemoRow], tolerance: float = TOLERANCE) -> list[st
     if not rows:
         problems.append("no mini model is registered: nothing was evaluated")
     return problems
-
-
-def _cmd_demo(args) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    rows = run_demo(Path(args.data_root) if args.data_root else None, args.models or None,
-                    batch_size=args.batch_size, progress=args.progress,
-                    log=(lambda line: print(line, file=sys.stderr)))
-    print(format_table(rows))
-    print(f"\n{len({r.model for r in rows})} models in {time.perf_counter() - start:.0f} s")
-    if args.check:
-        problems = check_rows(rows)
-        if problems:
-            print("check failed:\n  " + "\n  ".join(problems), file=sys.stderr)
-            return 1
-        print(f"check passed: every reproduced metric is within {TOLERANCE} of the reported one")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Add ``demo [--data-root DIR] [--check] [--models ...]`` to ``python -m zoo``."""
-    p = subparsers.add_parser(
-        "demo", help="generate the mini datasets, evaluate every RelZoo-mini model, print reported vs reproduced",
-        description="Generate each RelZoo-mini model's synthetic validation split, load the model by name with its "
-                    "committed weights (the normal pretrained path), evaluate it with its family's protocol and print "
-                    "one table of reported vs reproduced metrics.")
-    p.add_argument("--data-root", help="where the datasets are generated (default: $RELZOO_HOME/demo)")
-    p.add_argument("--models", nargs="+", metavar="NAME", help="only these minis (default: all registered)")
-    p.add_argument("--check", action="store_true",
-                   help=f"exit 1 if any reproduced metric differs from the reported one by more than {TOLERANCE}")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="the reported numbers were measured at the default (detection numbers vary a little with it)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
-    p.set_defaults(func=_cmd_demo)

@@ -17,8 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from zoo.models.detr import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert
 
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "HungarianMatcher", "SetCriterion",
            "CrossEntropyLabelSmooth", "TripletLoss"]
@@ -28,10 +27,14 @@ __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "H
 # Boxes
 # --------------------------------------------------------------------------------------
 
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(..., 4) (cx, cy, w, h) -> (x0, y0, x1, y1)."""
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """(..., 4) (x0, y0, x1, y1) -> (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

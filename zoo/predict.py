@@ -5,13 +5,19 @@ Image classifiers: the top-5 class ids with probabilities written on the image.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from zoo.data.coco import COCO_CLASSES, IMAGENET_MEAN, IMAGENET_STD, detr_eval_transform
+from zoo.config import Preprocessing
+from zoo.data.coco import COCO_CLASSES
+from zoo.data.transforms import classification_eval_transform, detection_eval_transform
+from zoo.factory import create_model
+from zoo.models.detr import DETR, PostProcess
+from zoo.registry import model_info, split_name
 
 __all__ = ["predict", "detect", "draw_detections"]
 
@@ -33,17 +39,13 @@ def _load_image(image_path):
 
 @torch.no_grad()
 def detect(model: nn.Module, image, threshold: float = 0.7, device: Union[str, torch.device] = "cpu",
-           preprocessing: Optional[dict] = None) -> list[dict]:
+           preprocessing: Optional[Mapping] = None) -> list[dict]:
     """DETR on one PIL RGB image -> detections with score >= threshold, best first.
 
     Each: ``{"label": COCO name, "category_id": int, "score": float, "box": [x0, y0, x1, y1]}``
-    in pixels of the given image.
+    in pixels of the given image. ``preprocessing``: a :class:`~zoo.config.Preprocessing` or its fields.
     """
-    from zoo.models.detr import PostProcess
-
-    pre = preprocessing or {}
-    x = detr_eval_transform(image, int(pre.get("resize_shorter", 800)), pre.get("max_size", 1333),
-                            pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD))
+    x = detection_eval_transform(Preprocessing.parse(preprocessing or {}, "detect: preprocessing"))(image)
     outputs = model([x.to(device)])
     det = PostProcess()(outputs, torch.tensor([[image.height, image.width]], device=device))[0]
     keep = det["scores"] >= threshold
@@ -76,24 +78,15 @@ def draw_detections(image, detections: list[dict]):
 
 
 @torch.no_grad()
-def _classify(model: nn.Module, image, device, preprocessing: dict) -> list[dict]:
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    size = preprocessing.get("input_size", [224, 224])
-    # shorter side to H / crop_pct (224 / 0.875 = 256), then the centre crop: the imagenet protocol's rule
-    resize = int(size[0] / float(preprocessing.get("crop_pct", 0.875)))
-    interp = InterpolationMode.BICUBIC if preprocessing.get("interpolation") == "bicubic" else InterpolationMode.BILINEAR
-    x = TF.center_crop(TF.resize(image, resize, interpolation=interp), list(size))
-    x = TF.normalize(TF.to_tensor(x), list(preprocessing.get("mean", IMAGENET_MEAN)),
-                     list(preprocessing.get("std", IMAGENET_STD)))
+def _classify(model: nn.Module, image, device, preprocessing: Preprocessing) -> list[dict]:
+    x = classification_eval_transform(preprocessing)(image)  # the imagenet protocol's single centre crop
     probs = model(x[None].to(device)).softmax(-1)[0]
     top = probs.topk(min(5, probs.numel()))
     return [{"class_id": int(i), "score": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def predict(model_name_or_model: Union[str, nn.Module], image_path, out_path, threshold: float = 0.7,
-            device: str = "cpu", weights: Optional[str] = None, preprocessing: Optional[dict] = None) -> list[dict]:
+            device: str = "cpu", weights: Optional[str] = None, preprocessing: Optional[Mapping] = None) -> list[dict]:
     """Run a model on one image, save the drawn result to ``out_path`` (PNG), return the predictions.
 
     Args:
@@ -104,26 +97,21 @@ def predict(model_name_or_model: Union[str, nn.Module], image_path, out_path, th
         threshold: minimum score of a drawn detection.
         device: 'cpu' or 'cuda'.
         weights: weights source overriding the tag (tag, path, URL, ``hf://``).
-        preprocessing: overrides the config's (needed only for a bare model with unusual inputs).
+        preprocessing: fields overriding the config's :class:`~zoo.config.Preprocessing` (needed only
+            for a bare model with unusual inputs).
     Returns detections (see :func:`detect`) or, for classifiers, the top-5 ``{"class_id", "score"}``.
     """
-    from zoo.models.detr import DETR
-
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     image = _load_image(image_path)
-    pre = dict(preprocessing or {})
     if isinstance(model_name_or_model, str):
-        from zoo.factory import create_model
-        from zoo.registry import model_info, split_name
-
-        cfg = model_info(split_name(model_name_or_model)[0])
-        pre = {**cfg.preprocessing, **pre}
+        stated = model_info(split_name(model_name_or_model)[0]).preprocessing
         model = create_model(model_name_or_model, pretrained=weights is None, weights=weights)
     elif isinstance(model_name_or_model, nn.Module):
-        model = model_name_or_model
+        stated, model = Preprocessing(), model_name_or_model
     else:
         raise TypeError(f"predict needs a model name or an nn.Module, got {type(model_name_or_model).__name__}")
+    pre = Preprocessing.parse({**stated, **(preprocessing or {})}, "predict: preprocessing")
     model = model.to(device).eval()
 
     out_path = Path(out_path)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import json
 import pkgutil
 from pathlib import Path
-from typing import Callable, Optional
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Optional
 
 from zoo.config import ModelConfig, all_model_configs
 from zoo.errors import ConfigError, UnknownModelError
+
+if TYPE_CHECKING:  # torch only for the annotations: listing and describing models imports no torch
+    from torch import nn
 
 _constructors: dict[str, Callable[..., nn.Module]] = {}
 _models_imported = False
@@ -91,6 +93,37 @@ def model_info(name: str) -> ModelConfig:
     if base not in _registered():
         raise _unknown(base)
     raise ConfigError(f"model '{base}' is registered in code but has no entry in configs/*.yaml")
+
+
+def format_info(name: str) -> str:
+    """What ``zoo info NAME`` prints: description, kwargs, preprocessing, weights, reported table, notes."""
+    cfg = model_info(name)
+    lines = [f"{cfg.name}  ({cfg.family}: {cfg.task})"]
+    if cfg.description:
+        lines.append(f"  {cfg.description}")
+    if cfg.kwargs:
+        lines.append(f"  constructor kwargs: {json.dumps(cfg.kwargs)}")
+    if cfg.preprocessing:
+        lines.append(f"  preprocessing: {json.dumps(dict(cfg.preprocessing))}")
+    if cfg.eval:
+        lines.append(f"  evaluation: {json.dumps(cfg.eval)}")
+    lines.append("  weights:" if cfg.weights else "  weights: none published")
+    for tag, entry in cfg.weights.items():
+        default = " (default)" if tag == cfg.default_weights else ""
+        sha = entry.sha256 or "unknown (recorded on first download)"
+        conv = f", converted with '{entry.converter}'" if entry.converter else ""
+        lines.append(f"    {cfg.name}.{tag}{default}: {entry.source}{conv}; sha256 {sha}")
+        if entry.note:
+            lines.append(f"      {entry.note}")
+    if cfg.reported:
+        lines += ["  reported:", "    | metric | value | dataset | weights | source |", "    |---|---|---|---|---|"]
+        for r in cfg.reported:
+            flag = "" if r.verified else " (unverified)"
+            note = f"; {r.note}" if r.note else ""
+            lines.append(f"    | {r.metric} | {r.value:g} | {r.dataset} | {r.weights or 'paper'} | {r.source}{flag}{note} |")
+    if cfg.notes:
+        lines += ["  notes:"] + [f"    {line}" for line in cfg.notes.strip().splitlines()]
+    return "\n".join(lines)
 
 
 def model_constructor(name: str) -> Callable[..., nn.Module]:

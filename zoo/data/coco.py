@@ -1,4 +1,4 @@
-"""COCO 2017 detection data in its original on-disk layout, and DETR's evaluation preprocessing.
+"""COCO 2017 detection data in its original on-disk layout.
 
 Layout (what DETR's ``--coco_path`` points at)::
 
@@ -15,10 +15,12 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+# DETR's preprocessing lives with the other transforms; re-exported for the callers that import it from here
+from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, detr_eval_transform, detr_resize_size  # noqa: F401
 from zoo.errors import DatasetError
 
 # The 80 COCO categories by their dataset ids (1..90, with gaps); DETR predicts these ids directly.
@@ -38,42 +40,6 @@ COCO_CATEGORY_NAMES = {
 }
 #: Name of each of DETR's 91 class ids (0..90); 'N/A' for ids COCO does not use.
 COCO_CLASSES = [COCO_CATEGORY_NAMES.get(i, "N/A") for i in range(91)]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def detr_resize_size(width: int, height: int, size: int = 800, max_size: Optional[int] = 1333) -> tuple[int, int]:
-    """(new_height, new_width) of DETR's evaluation resize (spec irpe §5.4).
-
-    The shorter side becomes ``size`` unless the longer side would then exceed ``max_size``
-    (then shorter = round(max_size * short / long)); the longer side is int(shorter * long / short)
-    (truncated). An image whose shorter side already equals the target is left as is.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if max_size is not None:
-        short, long = float(min(width, height)), float(max(width, height))
-        if long / short * size > max_size:
-            size = int(round(max_size * short / long))
-    if (width <= height and width == size) or (height <= width and height == size):
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
-def detr_eval_transform(image, size: int = 800, max_size: Optional[int] = 1333,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """PIL RGB image -> normalised (3, H', W') float tensor: DETR's val transform (bilinear resize, ToTensor, Normalize)."""
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    new_h, new_w = detr_resize_size(image.width, image.height, size, max_size)
-    if (new_h, new_w) != (image.height, image.width):
-        image = TF.resize(image, [new_h, new_w], interpolation=InterpolationMode.BILINEAR)
-    return TF.normalize(TF.to_tensor(image), list(mean), list(std))
-
 
 class _ImageSource:
     """Reads image files from a folder or from a zip archive (opened lazily, once per process)."""

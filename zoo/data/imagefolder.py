@@ -9,17 +9,16 @@ n15075141, i.e. the label order of every ImageNet checkpoint); images are the fi
 extension in each class folder, sorted by name (sub-folders are searched too). Hidden files and
 other files (e.g. ``Thumbs.db``) are ignored.
 
-:func:`eval_transform` is the usual single-centre-crop evaluation: resize the shorter side to
-``input_size / crop_pct``, centre crop ``input_size``, scale to [0, 1], normalise with mean/std.
+The evaluation transform (:func:`zoo.data.transforms.eval_transform`, re-exported here) is the
+usual single centre crop.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-
+from zoo.data.transforms import eval_transform  # noqa: F401  (re-exported)
 from zoo.errors import DatasetError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "find_classes", "eval_transform", "load_rgb"]
@@ -99,30 +98,3 @@ class ImageFolder(Sequence):
         sample = self.samples[index]
         image = load_rgb(sample.path)
         return (self.transform(image) if self.transform is not None else image), sample.label
-
-
-def eval_transform(input_size: Sequence[int] | int = 224, crop_pct: float = 0.875,
-                   mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                   interpolation: str = "bilinear") -> Callable:
-    """Resize the shorter side to ``size / crop_pct``, centre crop ``input_size`` (H, W), tensor, normalise.
-
-    Returns a callable PIL image -> float tensor (3, H, W). ``crop_pct=1`` crops nothing beyond the resize.
-    """
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
-
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-             "nearest": InterpolationMode.NEAREST}
-    if interpolation not in modes:
-        raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
-    # square: the shorter side (aspect kept); otherwise both sides scaled by 1 / crop_pct
-    size = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=modes[interpolation]),
-        transforms.CenterCrop((h, w)),
-        transforms.ToTensor(),
-        transforms.Normalize(list(mean), list(std)),
-    ])

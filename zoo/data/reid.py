@@ -34,6 +34,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from zoo.config import Preprocessing
+from zoo.data.imagefolder import load_rgb
+from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REID_INPUT_SIZE, reid_eval_transform
 from zoo.errors import DatasetError
 
 __all__ = ["ReidImage", "ReidSplit", "read_cuhk03", "read_market1501", "read_reid_dataset", "load_reid_image",
@@ -188,22 +191,9 @@ def read_reid_dataset(data_dir, name: str, keep_junk: bool = False) -> ReidSplit
 # Test-time preprocessing (spec §5.1)
 
 
-def load_reid_image(path: str, size: Sequence[int] = (256, 128), mean: Sequence[float] = (0.485, 0.456, 0.406),
-                    std: Sequence[float] = (0.229, 0.224, 0.225)) -> torch.Tensor:
+def load_reid_image(path: str, size: Sequence[int] = REID_INPUT_SIZE, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """RGB, PIL bilinear resize to ``size = (height, width)`` (skipped when already that size, no
     aspect-preserving crop), to [0, 1], per-channel normalisation. Returns ``[3, height, width]``."""
-    from PIL import Image
-
-    height, width = int(size[0]), int(size[1])
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    mean_t = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
-    return (tensor - mean_t) / std_t
+    pre = Preprocessing.parse({"input_size": list(size), "mean": list(mean), "std": list(std)}, "load_reid_image")
+    return reid_eval_transform(pre)(load_rgb(path))

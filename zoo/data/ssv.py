@@ -16,7 +16,8 @@ Evaluation sampling and preprocessing (the original's validation pipeline):
 * T segment frames: if num_frames > T, tick = num_frames / T and frame i is
   ``floor(tick / 2 + tick * i) + 1``; otherwise frame 1 is repeated T times.
 * every frame resized to exactly 240 x 320 (H x W, aspect ratio not kept, PIL bilinear), centre
-  crop 224 (top 8, left 48), scaled to [0, 1], normalised with the ImageNet mean / std;
+  crop 224 (top 8, left 48), scaled to [0, 1], normalised with the ImageNet mean / std
+  (:class:`zoo.data.transforms.VideoEvalTransform`, which takes other sizes from the model's preprocessing);
 * frames stacked along channels: a clip is (3T, 224, 224) with channel ``3 t + c``.
 
 ``clips > 1`` (not used by the original, which tests 1 clip) takes ``clips`` evenly shifted
@@ -30,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from zoo.data.transforms import DEFAULT_NUM_FRAMES, VideoEvalTransform
 from zoo.errors import DatasetError
 
 __all__ = ["SPLIT_FILES", "VideoRecord", "read_split", "segment_indices", "SSVideoClips", "load_frame"]
@@ -103,50 +105,32 @@ class SSVideoClips(torch.utils.data.Dataset):
     """Evaluation clips of a split: item ``i`` is ``(clips_tensor, label)``.
 
     ``clips_tensor`` is (clips, 3T, crop, crop) float32, frames stacked along channels
-    (channel ``3 t + c``), normalised. Items are picklable, so DataLoader workers can build them.
+    (channel ``3 t + c``), made by ``transform`` (default: the original's validation frames).
+    Items are picklable, so DataLoader workers can build them.
     """
 
-    def __init__(self, records: Sequence[VideoRecord], num_segments: int = 16, clips: int = 1,
-                 resize: Sequence[int] = (240, 320), crop: int = 224,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 prefix: str = "img_", template: str = "{:05d}.jpg"):
+    def __init__(self, records: Sequence[VideoRecord], num_segments: int = DEFAULT_NUM_FRAMES, clips: int = 1,
+                 transform: Optional[VideoEvalTransform] = None, prefix: str = "img_", template: str = "{:05d}.jpg"):
         if num_segments < 1 or clips < 1:
             raise ValueError(f"num_segments and clips must be >= 1, got {num_segments}, {clips}")
-        if len(resize) != 2 or crop > min(resize):
-            raise ValueError(f"resize must be [height, width] at least as large as crop {crop}, got {list(resize)}")
         self.records = list(records)
         self.num_segments, self.clips = num_segments, clips
-        self.resize, self.crop = (int(resize[0]), int(resize[1])), int(crop)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.transform = transform or VideoEvalTransform()
         self.prefix, self.template = prefix, template
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _frame(self, record: VideoRecord, index: int) -> torch.Tensor:
-        """(3, crop, crop) uint8 of frame ``index`` (1-based): resize, then centre crop."""
-        from PIL import Image
-
-        img = load_frame(record.path / f"{self.prefix}{self.template.format(index)}")
-        h, w = self.resize
-        img = img.resize((w, h), Image.BILINEAR)  # exact size, aspect ratio not kept (torchvision Resize((h, w)))
-        top, left = int(round((h - self.crop) / 2.0)), int(round((w - self.crop) / 2.0))  # torchvision CenterCrop
-        img = img.crop((left, top, left + self.crop, top + self.crop))
-        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        return data.view(self.crop, self.crop, 3).permute(2, 0, 1)
-
     def __getitem__(self, i: int):
         record = self.records[i]
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[int, torch.Tensor] = {}  # frame number -> (3, crop, crop) uint8; clips may share frames
         clips = []
         for c in range(self.clips):
             frames = []
             for index in segment_indices(record.num_frames, self.num_segments, c, self.clips):
                 if index not in cache:
-                    cache[index] = self._frame(record, index)
+                    path = record.path / f"{self.prefix}{self.template.format(index)}"
+                    cache[index] = self.transform.frame(load_frame(path))
                 frames.append(cache[index])
-            clip = torch.stack(frames).float().div_(255.0)  # (T, 3, crop, crop)
-            clip = (clip - self.mean) / self.std
-            clips.append(clip.reshape(-1, self.crop, self.crop))  # channel 3 t + c
+            clips.append(self.transform.clip(frames))
         return torch.stack(clips), record.label

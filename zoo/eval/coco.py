@@ -16,28 +16,21 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zoo.data.coco import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, detr_eval_transform
+from zoo.data.coco import CocoDetection
+from zoo.data.transforms import detection_eval_transform
 from zoo.errors import DatasetError
 from zoo.eval.protocol import Protocol, register_protocol
+from zoo.models.detr import PostProcess
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-class _Transform:
-    """Picklable DETR val transform with the model config's preprocessing values."""
-
-    def __init__(self, size: int, max_size: Optional[int], mean, std):
-        self.size, self.max_size, self.mean, self.std = size, max_size, tuple(mean), tuple(std)
-
-    def __call__(self, image) -> torch.Tensor:
-        return detr_eval_transform(image, self.size, self.max_size, self.mean, self.std)
 
 
 @register_protocol("coco")
 class CocoProtocol(Protocol):
     """COCO detection. Options: ``split`` ('val2017'), ``dataset`` (the name reported rows are matched
-    by; default ``coco_<split>``, another for COCO-format data that is not COCO). Preprocessing from the model config:
-    ``resize_shorter`` (800), ``max_size`` (1333), ``mean``, ``std``.
+    by; default ``coco_<split>``, another for COCO-format data that is not COCO). Preprocessing from the model config
+    (:func:`zoo.data.transforms.detection_eval_transform`): ``resize_shorter`` (800), ``max_size`` (1333), ``mean``,
+    ``std``, ``interpolation``.
 
     Samples are ``(image (3, H, W), {"image_id", "orig_size": (h, w)})``; predictions are dicts of
     numpy arrays (``boxes`` (Q, 4) xywh in original pixels, ``scores`` (Q,), ``labels`` (Q,)).
@@ -49,9 +42,7 @@ class CocoProtocol(Protocol):
         self.dataset_name = str(self.options.pop("dataset", f"coco_{self.split}"))
         if self.options:
             raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
-        pre = dict(getattr(model_config, "preprocessing", None) or {})
-        self.transform = _Transform(int(pre.get("resize_shorter", 800)), pre.get("max_size", 1333),
-                                    pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD))
+        self.transform = detection_eval_transform(model_config.preprocessing)
         self._dataset: Optional[CocoDetection] = None
 
     def dataset(self) -> CocoDetection:
@@ -64,8 +55,6 @@ class CocoProtocol(Protocol):
         return [image for image, _ in items], [meta for _, meta in items]
 
     def predict(self, model, batch, device) -> list:
-        from zoo.models.detr import PostProcess
-
         images, metas = batch
         images = [image.to(device) for image in images]
         sizes = torch.tensor([meta["orig_size"] for meta in metas], device=device)

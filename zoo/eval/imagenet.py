@@ -4,9 +4,10 @@ Dataset (``--data DIR``): ImageNet-style class folders (:mod:`zoo.data.imagefold
 ``DIR/<class>/*`` or ``DIR/<split>/<class>/*`` with ``split`` from the options (default ``val``,
 ImageNet's validation set arranged by class, the layout torchvision and timm use).
 
-Preprocessing comes from the model config's ``preprocessing``: ``input_size`` [H, W],
-``crop_pct`` (resize the shorter side to H / crop_pct, then centre crop; default 0.875),
-``mean``, ``std``, ``interpolation``.
+Preprocessing comes from the model config's ``preprocessing``
+(:func:`zoo.data.transforms.classification_eval_transform`): ``input_size`` [H, W], ``crop_pct``
+(resize the shorter side to H / crop_pct, then centre crop; default 0.875), ``mean``, ``std``,
+``interpolation``.
 
 Options (config ``eval`` mapping): ``dataset`` (name matched against the reported rows, default
 ``imagenet_val``), ``split`` (default ``val``), ``num_classes`` (expected number of class folders;
@@ -21,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from zoo.data.imagefolder import ImageFolder, eval_transform, find_classes
+from zoo.data.imagefolder import ImageFolder, find_classes
+from zoo.data.transforms import classification_eval_transform
 from zoo.errors import DatasetError
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
@@ -41,11 +43,7 @@ class ImageNetProtocol(Protocol):
             raise ValueError(f"imagenet protocol: unknown option(s) {unknown}; known: {sorted(known)}")
         self.dataset_name = self.options.get("dataset", "imagenet_val")
         self.root = self._resolve_root(Path(data_dir), self.options.get("split", "val"))
-        pre = dict(model_config.preprocessing or {})
-        self.transform = eval_transform(
-            input_size=pre.get("input_size", (224, 224)), crop_pct=float(pre.get("crop_pct", 0.875)),
-            mean=pre.get("mean", (0.485, 0.456, 0.406)), std=pre.get("std", (0.229, 0.224, 0.225)),
-            interpolation=pre.get("interpolation", "bilinear"))
+        self.transform = classification_eval_transform(model_config.preprocessing)
 
     @staticmethod
     def _resolve_root(data_dir: Path, split: str) -> Path:

@@ -17,11 +17,15 @@ match is skipped (it counts in neither numerator nor denominator).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from zoo.config import Preprocessing
+from zoo.data.imagefolder import load_rgb
+from zoo.data.reid import REID_DATASETS, read_reid_dataset
+from zoo.data.transforms import reid_eval_transform
 from zoo.eval.protocol import Protocol, register_protocol
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -222,18 +226,16 @@ class _ReidSamples:
     Picklable (paths only), so DataLoader workers can read the images.
     """
 
-    def __init__(self, query: tuple, gallery: tuple, size, mean, std):
+    def __init__(self, query: tuple, gallery: tuple, transform: Callable[..., torch.Tensor]):
         self.items = [(True, image) for image in query] + [(False, image) for image in gallery]
-        self.size, self.mean, self.std = tuple(size), tuple(mean), tuple(std)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
-        from zoo.data.reid import load_reid_image
-
         is_query, image = self.items[index]
-        return load_reid_image(image.path, self.size, self.mean, self.std), (is_query, image.pid, image.camid)
+        return self.transform(load_rgb(image.path)), (is_query, image.pid, image.camid)
 
 
 def _limit_split(query: tuple, gallery: tuple, limit: int) -> tuple[tuple, tuple]:
@@ -285,31 +287,22 @@ class ReidProtocol(Protocol):
         unknown = sorted(set(self.options) - self._KNOWN)
         if unknown:
             raise ValueError(f"unknown reid protocol option(s) {unknown}; known: {sorted(self._KNOWN)}")
-        from zoo.data.reid import REID_DATASETS
-
         self.dataset_name = self.options.get("dataset", "cuhk03_labeled")
         if self.dataset_name not in REID_DATASETS:
             raise ValueError(f"reid protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(REID_DATASETS)}")
-        pre = dict(getattr(model_config, "preprocessing", None) or {})
-        self.input_size = tuple(self.options.get("input_size") or pre.get("input_size") or (256, 128))
-        if len(self.input_size) != 2:
-            raise ValueError(f"reid protocol: input_size must be [height, width], got {list(self.input_size)}")
-        self.mean = tuple(pre.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(pre.get("std", (0.229, 0.224, 0.225)))
-        if pre.get("interpolation", "bilinear") != "bilinear":
-            raise ValueError("reid protocol: the original resizes with PIL bilinear; "
-                             f"got interpolation {pre.get('interpolation')!r}")
+        pre = model_config.preprocessing
+        if self.options.get("input_size"):
+            pre = Preprocessing.parse({**pre, "input_size": self.options["input_size"]}, "reid protocol options")
+        self.transform = reid_eval_transform(pre)
         self._samples: Optional[_ReidSamples] = None
 
     def dataset(self) -> _ReidSamples:
         if self._samples is None:
-            from zoo.data.reid import read_reid_dataset
-
             split = read_reid_dataset(self.data_dir, self.dataset_name, keep_junk=bool(self.options.get("keep_junk")))
             query, gallery = split.query, split.gallery
             if self.limit is not None:
                 query, gallery = _limit_split(query, gallery, self.limit)
-            self._samples = _ReidSamples(query, gallery, self.input_size, self.mean, self.std)
+            self._samples = _ReidSamples(query, gallery, self.transform)
         return self._samples
 
     def collate(self, items: list):

@@ -18,10 +18,14 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
+from zoo._fs import atomic_write_text
 from zoo.config import ModelConfig, ReportedMetric
+from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.eval.protocol import Protocol, get_protocol
 from zoo.factory import create_model
+from zoo.paths import env, progress_enabled
 from zoo.registry import model_info, split_name
 
 
@@ -59,11 +63,6 @@ class EvalResult:
         return {**asdict(self), "table": self.table()}
 
 
-#: Samples per batch unless told otherwise. Detectors pad each batch to its largest image, and
-#: the padding changes their outputs a little (as in the originals), so detection numbers are
-#: only comparable at the same batch size; the RelZoo-mini numbers were measured at this one.
-DEFAULT_BATCH_SIZE = 8
-
 _we_initialised = False
 
 
@@ -76,7 +75,7 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         default = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=os.environ.get("RELZOO_DIST_BACKEND", default))
+        dist.init_process_group(backend=env("RELZOO_DIST_BACKEND") or default)
         _we_initialised = True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -103,13 +102,7 @@ def _compare(metrics: dict[str, float], reported: list[ReportedMetric], dataset:
     return rows
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = 8, workers: int = 0,
+def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0,
                  device: Union[str, torch.device] = "cpu", progress: bool = True,
                  dataset=None) -> tuple[dict[str, float], int]:
     """Evaluate ``model`` with ``protocol`` on this process's shard; returns (metrics, num_samples) on
@@ -124,9 +117,7 @@ def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = 8, w
     model = model.to(device).eval()
     mine: list = []
     bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
+    if progress and rank == 0 and progress_enabled():  # a terminal, and RELZOO_NO_PROGRESS unset
         bar = tqdm(total=len(indices), unit="sample", desc=f"eval {protocol.name}", dynamic_ncols=True)
     with torch.inference_mode():
         for batch in loader:
@@ -197,6 +188,6 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out, json.dumps({**result.to_json(), "seconds": time.perf_counter() - start}, indent=2))
-        _write_atomically(out.with_suffix(".md"), result.table() + "\n")
+        atomic_write_text(out, json.dumps({**result.to_json(), "seconds": time.perf_counter() - start}, indent=2))
+        atomic_write_text(out.with_suffix(".md"), result.table() + "\n")
     return result

@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
+from zoo.config import Preprocessing
 from zoo.data.ssv import SPLIT_FILES, SSVideoClips, read_split
+from zoo.data.transforms import DEFAULT_NUM_FRAMES, VideoEvalTransform
 from zoo.errors import DatasetError
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
@@ -52,17 +54,14 @@ class SSVProtocol(Protocol):
             raise ValueError(f"ssv protocol: split must be 'val' or 'train', got {split!r}")
         list_file = Path(self.options.get("list_file") or SPLIT_FILES[self.dataset_name][split])
         self.list_file = list_file if list_file.is_absolute() else self.data_dir / list_file
-        pre = dict(getattr(model_config, "preprocessing", None) or {})
-        self.num_frames = int(self.options.get("num_frames") or pre.get("num_frames") or 16)
+        # the options num_frames, resize and crop override the model's preprocessing
+        fields = {"num_frames": "num_frames", "resize": "resize", "crop": "input_size"}
+        overrides = {field: self.options[option] for option, field in fields.items() if self.options.get(option)}
+        pre = Preprocessing.parse({**model_config.preprocessing, **overrides}, "ssv protocol options")
+        self.num_frames = pre.num_frames or DEFAULT_NUM_FRAMES
+        self.transform = VideoEvalTransform(pre)
         self.clips = int(self.options.get("clips", 1))
-        self.resize = tuple(self.options.get("resize") or pre.get("resize") or (240, 320))
-        crop = self.options.get("crop") or (pre.get("input_size") or [224])[0]
-        self.crop = int(crop)
-        self.mean = tuple(pre.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(pre.get("std", (0.229, 0.224, 0.225)))
         self.prefix = str(self.options.get("prefix", "img_"))
-        if pre.get("interpolation", "bilinear") != "bilinear":
-            raise ValueError(f"ssv protocol: the original resizes with PIL bilinear; got {pre.get('interpolation')!r}")
         self._dataset: Optional[SSVideoClips] = None
 
     def dataset(self) -> SSVideoClips:
@@ -73,8 +72,8 @@ class SSVProtocol(Protocol):
             records = read_split(self.list_file, self.data_dir)
             if self.limit is not None:
                 records = records[: self.limit]
-            self._dataset = SSVideoClips(records, num_segments=self.num_frames, clips=self.clips, resize=self.resize,
-                                         crop=self.crop, mean=self.mean, std=self.std, prefix=self.prefix)
+            self._dataset = SSVideoClips(records, num_segments=self.num_frames, clips=self.clips,
+                                         transform=self.transform, prefix=self.prefix)
         return self._dataset
 
     def collate(self, items: list):

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_convert
 
 from zoo.errors import ConversionError
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
@@ -29,7 +30,7 @@ from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_ima
 from zoo.registry import register_model
 
 __all__ = ["DETR", "PostProcess", "PositionEmbeddingSine", "Transformer", "nested_tensor_from_tensor_list",
-           "box_cxcywh_to_xyxy", "kwargs_from_checkpoint", "detr_r50_irpe", "detr_r50_irpe_product_ctx_7x7",
+           "kwargs_from_checkpoint", "detr_r50_irpe", "detr_r50_irpe_product_ctx_7x7",
            "detr_r50_irpe_product_ctx_9x9", "detr_irpe_mini"]
 
 
@@ -59,12 +60,6 @@ def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor]) -> tuple[torc
     return batch, mask
 
 
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) (cx, cy, w, h) -> (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
 class PostProcess(nn.Module):
     """DETR outputs -> per-image detections in pixels of the ORIGINAL image (all queries kept, no NMS).
 
@@ -83,7 +78,7 @@ class PostProcess(nn.Module):
         scores, labels = prob[..., :-1].max(-1)
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
-        xyxy = box_cxcywh_to_xyxy(boxes) * scale[:, None, :]
+        xyxy = box_convert(boxes, "cxcywh", "xyxy") * scale[:, None, :]
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
 
 
