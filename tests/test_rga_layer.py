@@ -178,9 +178,10 @@ class _LargestTensor:
 
 
 @pytest.mark.parametrize("channels,positions,height", [(64, 1024, 32), (1024, 64, 8)], ids=["spatial", "channel"])
-def test_low_rank_never_materialises_the_relation(channels, positions, height):
+def test_low_rank_never_materialises_the_relation(channels, positions, height, monkeypatch):
     """The spatial relation is N x N, the channel one C x C (16x the input here, as at rga_att1 /
     rga_att4 of the network); the fast form creates no tensor that big, the direct one does."""
+    monkeypatch.delenv("RELZOO_OPS", raising=False)  # "auto" is the fast form unless RELZOO_OPS=reference
     x = torch.rand(1, channels, height, positions // height)
     relation_size = max(channels, positions) ** 2
     for backend, expect_relation in (("auto", False), ("reference", True)):
