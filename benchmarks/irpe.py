@@ -5,8 +5,8 @@
     python benchmarks/irpe.py --device cuda --runs 10
 
 Table 1 (model): images/s of DETR-R50 with no RPE, with iRPE rpe-2.0-product-ctx-1-k on our
-fast path (native ``rpe_index`` op via zoo.ops when it builds, else torch.gather), and on the
-reference formulation (the original's pure-python advanced-indexing gather).
+fast path (``backend="auto"``: the native ``rpe_index`` op via zoo.ops when it builds, else
+torch.gather), and on the reference formulation (``backend="reference"``).
 Table 2 (one encoder attention at the same feature-map size, forward only, and forward +
 backward in training mode): no RPE vs iRPE ``k`` and ``qkv``, ours vs reference. The qkv rows
 show the value-term formulation: ours scatters probabilities into buckets (B, H, L, nb),
@@ -16,27 +16,26 @@ All rows are measured in the same process, same threads, median of ``runs`` afte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from zoo.layers.irpe import RPEMultiheadAttention, iRPE, rpe_config_from_spec
-from zoo.models.detr import build_detr
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from zoo.layers.irpe import RPEMultiheadAttention, iRPE, rpe_config_from_spec  # noqa: E402
+from zoo.models.detr import build_detr  # noqa: E402
 
 SPEC = "rpe-2.0-product-ctx-1-k"
 
 
-@contextlib.contextmanager
-def reference_path(enabled: bool):
-    """Temporarily select iRPE's reference formulation for every module."""
-    old = iRPE.use_fast_path
-    iRPE.use_fast_path = not enabled
-    try:
-        yield
-    finally:
-        iRPE.use_fast_path = old
+def set_backend(model: torch.nn.Module, reference: bool) -> None:
+    """Every iRPE module of ``model`` on the reference formulation, or on the fast path ("auto")."""
+    for module in model.modules():
+        if isinstance(module, iRPE):
+            module.backend = "reference" if reference else "auto"
 
 
 def _sync(device: torch.device) -> None:
@@ -66,7 +65,8 @@ def bench_models(height: int, width: int, batch: int, runs: int, device: torch.d
     with_rpe.load_state_dict(plain.state_dict(), strict=False)
     for label, model, ref in (("DETR-R50, no RPE", plain, False), (f"DETR-R50 + iRPE {SPEC} (ours)", with_rpe, False),
                               (f"DETR-R50 + iRPE {SPEC} (reference formulation)", with_rpe, True)):
-        with reference_path(ref), torch.inference_mode():
+        set_backend(model, ref)
+        with torch.inference_mode():
             seconds = median_seconds(lambda: model(images), runs, device)
         rows.append((label, seconds, batch / seconds))
     return rows
@@ -82,18 +82,18 @@ def bench_attention(h: int, w: int, batch: int, runs: int, device: torch.device)
     for label, spec, ref in configs:
         torch.manual_seed(0)
         attn = RPEMultiheadAttention(d_model, heads, dropout=0.1, rpe_config=rpe_config_from_spec(spec)).to(device)
-        with reference_path(ref):
-            attn.eval()
-            with torch.inference_mode():
-                fwd = median_seconds(lambda: attn(x, x, x, hw=(h, w)), runs, device)
-            attn.train()
-            xg = x.clone().requires_grad_(True)
+        set_backend(attn, ref)
+        attn.eval()
+        with torch.inference_mode():
+            fwd = median_seconds(lambda: attn(x, x, x, hw=(h, w)), runs, device)
+        attn.train()
+        xg = x.clone().requires_grad_(True)
 
-            def step():
-                out, _ = attn(xg, xg, xg, hw=(h, w), need_weights=False)
-                out.sum().backward()
+        def step():
+            out, _ = attn(xg, xg, xg, hw=(h, w), need_weights=False)
+            out.sum().backward()
 
-            train = median_seconds(step, runs, device)
+        train = median_seconds(step, runs, device)
         rows.append((label, fwd, train))
     return rows
 

@@ -299,19 +299,6 @@ def print_table(title: str, rows: list[tuple[str, dict]], baseline: str, speedup
     print(f"\n{goal}")
 
 
-@contextlib.contextmanager
-def relzoo_ops_mode(value: str):
-    old = os.environ.get("RELZOO_OPS")
-    os.environ["RELZOO_OPS"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RELZOO_OPS", None)
-        else:
-            os.environ["RELZOO_OPS"] = old
-
-
 # ----------------------------------------------------------------------------- the two tables
 
 def bucket_map(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -361,45 +348,40 @@ def bench_attention(h: int, w: int, runs: int, device: torch.device, original) -
     def make():
         return (x0.clone().requires_grad_(True),)
 
-    def build(spec: str):
+    def build(spec: str, backend: str = "auto"):
         torch.manual_seed(0)
         config = irpe_layers.rpe_config_from_spec(spec) if spec else None
         attn = irpe_layers.RPEMultiheadAttention(E, heads, dropout=0.1, rpe_config=config).to(device).train()
+        for module in attn.modules():
+            if isinstance(module, irpe_layers.iRPE):
+                module.backend = backend
         return lambda x: attn(x, x, x, hw=(h, w), need_weights=False)[0]
 
+    def python_path(x, index):
+        """The original's pure-python index step: advanced indexing with flat ids index[i, j] + i * nb."""
+        rows = torch.arange(index.shape[0], device=x.device).view(-1, 1)
+        return x.flatten(2)[:, :, index.long() + rows * x.shape[-1]]
+
     @contextlib.contextmanager
-    def index_step(kind: str):
-        """Select the index step used inside the layer."""
-        if kind == "native":
-            with relzoo_ops_mode("auto"):
-                yield
-        elif kind == "reference":
-            with relzoo_ops_mode("reference"):  # zoo.ops.rpe_index -> gather
-                yield
-        elif kind == "python":
-            old = irpe_layers.iRPE.use_fast_path
-            irpe_layers.iRPE.use_fast_path = False  # the original's advanced-indexing path
-            try:
-                yield
-            finally:
-                irpe_layers.iRPE.use_fast_path = old
-        else:  # the emulated original op, swapped in for the layer's index step
-            old = irpe_layers._rpe_index
-            irpe_layers._rpe_index = lambda x, index, index32, fast: original(x, index)
-            try:
-                yield
-            finally:
-                irpe_layers._rpe_index = old
+    def index_step(fn):
+        """Swap another implementation of the index step into the layer (it calls zoo.ops.rpe_index)."""
+        old = irpe_layers.rpe_index
+        irpe_layers.rpe_index = lambda x, index, backend: fn(x, index)
+        try:
+            yield
+        finally:
+            irpe_layers.rpe_index = old
 
     rows = [("no RPE", measure(make, build(""), grad, runs, device))]
-    kinds = [("iRPE k, ours-native", "native"), ("iRPE k, ours-reference (gather)", "reference"),
-             ("iRPE k, original python path (advanced indexing)", "python")]
-    if original is not None and hasattr(irpe_layers, "_rpe_index"):
-        kinds.append(("iRPE k, original op (emulated)", "original"))
-    for label, kind in kinds:
-        fn = build(SPEC)
-        with index_step(kind):
-            rows.append((label, measure(make, fn, grad, runs, device)))
+    for label, backend in (("iRPE k, ours-native", "auto"), ("iRPE k, ours-reference (gather)", "reference")):
+        rows.append((label, measure(make, build(SPEC, backend), grad, runs, device)))
+    swaps = [("iRPE k, original python path (advanced indexing)", python_path)]
+    if original is not None:
+        swaps.append(("iRPE k, original op (emulated)", original))
+    for label, fn in swaps:
+        layer = build(SPEC)
+        with index_step(fn):
+            rows.append((label, measure(make, layer, grad, runs, device)))
     return rows
 
 

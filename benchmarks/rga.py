@@ -95,8 +95,8 @@ def median_ms(fn, device: torch.device, repeats: int, clock) -> float:
 def cases(channels: int, height: int, width: int, batch: int, device: torch.device):
     """(name, direct_fn, low_rank_fn) at one stage size; both sides share weights and input."""
     torch.manual_seed(0)
-    direct = RGA_Module(channels, height * width, low_rank=False).to(device)
-    fast = RGA_Module(channels, height * width, low_rank=True).to(device)
+    direct = RGA_Module(channels, height * width, backend="reference").to(device)
+    fast = RGA_Module(channels, height * width, backend="auto").to(device)
     fast.load_state_dict(direct.state_dict())
     x = torch.rand(batch, channels, height, width, device=device)
     n, c = height * width, channels
@@ -160,7 +160,7 @@ def mac_ratio(channels: int, positions: int) -> dict:
 def check_equal(channels: int, height: int, width: int, device: torch.device) -> float:
     """Max |low-rank - direct| / max |direct| of the module output (float64), a sanity check."""
     torch.manual_seed(0)
-    direct = RGA_Module(channels, height * width, low_rank=False).to(device).double().eval()
+    direct = RGA_Module(channels, height * width, backend="reference").to(device).double().eval()
     fast = RGA_Module(channels, height * width).to(device).double().eval()
     fast.load_state_dict(direct.state_dict())
     x = torch.rand(2, channels, height, width, device=device, dtype=torch.float64)

@@ -9,11 +9,13 @@
 Columns (same block weights, same input, measured in the same run, median of --repeats, Markdown table):
 
 * ``ours``: zoo.layers.rpa.MultiheadNonlocal2d (plain tensor ops, spec §5).
-* ``original algorithm``: the original's CPU op algorithm as spec §4/§5 describes it, compiled here
-  from a short C++ source: the two attend ops as scalar single-threaded loops over (b, i, j, c) with
-  strided accessor reads, forward and backward; the reference tables rebuilt on every call, the q.k and
-  alpha.v products as einsums (as the original block does). CPU only; needs a C++ compiler (first run
-  compiles it, about a minute).
+* ``original algorithm``: the library's reference formulation (``backend="reference"``: per head, the
+  tables expanded for the map, the q.k and alpha.v products as matrix products, as the original block
+  does) with its two attend ops replaced by the original's CPU op algorithm as spec §4/§5 describes
+  it, compiled here from a short C++ source: scalar single-threaded loops over (b, i, j, c) with
+  strided accessor reads, forward and backward. The original rebuilt the tables on every call; here
+  they come from the library's cache (about 1 % of the original's time, spec §5). CPU only; needs a
+  C++ compiler (first run compiles it, about a minute).
 * ``no relative terms``: the same block with rpa_mode=None.
 
 Goal (issue 8): ours >= 10x faster than the original algorithm and <= 2x the block without relative terms.
@@ -21,11 +23,12 @@ Goal (issue 8): ours >= 10x faster than the original algorithm and <= 2x the blo
 from __future__ import annotations
 
 import argparse
-import os
+import copy
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zoo.layers import rpa  # noqa: E402
 from zoo.layers.rpa import MultiheadNonlocal2d  # noqa: E402
+from zoo.paths import extensions_dir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # The original op algorithm (spec §4): one scalar loop nest per op and direction, no threading.
@@ -122,8 +126,7 @@ def _load_reference_ops():
     """Compile (once, cached) the original-algorithm kernels; None when no compiler is available."""
     from torch.utils.cpp_extension import load_inline
 
-    build = Path(os.environ.get("RELZOO_EXTENSIONS_DIR", Path.home() / ".cache" / "relzoo" / "extensions"))
-    build = build / "bench_rpa_original_algorithm"
+    build = extensions_dir() / "bench_rpa_original_algorithm"
     build.mkdir(parents=True, exist_ok=True)
     try:
         return load_inline("bench_rpa_original_algorithm", cpp_sources=_CPP, build_directory=str(build),
@@ -133,8 +136,9 @@ def _load_reference_ops():
         return None
 
 
-def _reference_block(block: MultiheadNonlocal2d, ops):
-    """A function x -> block(x) computed the original's way (per head, scalar-loop attend ops)."""
+def _original_algorithm(block: MultiheadNonlocal2d, ops):
+    """A function x -> block(x) computed the original's way: the library's reference formulation with
+    the scalar-loop attend ops (the reference's own attend ops, which gather a (d, N, N) table, swapped out)."""
 
     class Query(torch.autograd.Function):
         @staticmethod
@@ -164,24 +168,13 @@ def _reference_block(block: MultiheadNonlocal2d, ops):
             gw, ga = ops.weight_bwd(g.contiguous(), w, a, *ctx.hw)
             return gw, ga, None, None
 
-    def table(a, height, width):
-        # rebuilt on every call, as the original op did (no cache)
-        kernel = tuple(a.shape[-2:])
-        m = rpa._angular_map_2d(kernel, rpa._rp_pad2d(kernel, (height, width), False), block._method, a.dtype)
-        return (a.flatten(1) @ m.T).reshape(a.shape[0], 2 * height - 1, 2 * width - 1)
+    reference = copy.deepcopy(block)  # same weights
+    reference.backend = "reference"
 
     def forward(x):
-        d, ys = block.hidden_channels, []
-        for t, conv in enumerate(block.embed_conv):
-            e = torch.nn.functional.conv2d(x, conv.weight, conv.bias, block.stride, block.padding, block.dilation)
-            height, width = e.shape[-2:]
-            q, k, v = e.flatten(2).split(d, dim=1)
-            logits = torch.einsum("bci,bcj->bij", q, k) + Query.apply(q, table(block.a_k[t], height, width), height, width)
-            attn = torch.softmax(logits * block.scale, dim=-1)
-            y = torch.einsum("bij,bcj->bci", attn, v) + Weight.apply(attn, table(block.a_v[t], height, width), height, width)
-            ys.append(y.reshape(x.shape[0], d, height, width))
-        out = block.output_conv(torch.cat(ys, 1), output_size=list(x.shape[2:]))
-        return out + x
+        with mock.patch.multiple(rpa, relative_attend_query_reference=lambda q, a, sizes: Query.apply(q, a, *sizes),
+                                 relative_attend_weight_reference=lambda w, a, sizes: Weight.apply(w, a, *sizes)):
+            return reference(x)
 
     return forward
 
@@ -242,13 +235,8 @@ def main(argv=None) -> None:
     plain.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith(("a_k", "a_v"))})
     x = torch.randn(args.batch, args.channels, *args.size, device=device, requires_grad=True)
 
-    ops = None
-    if device.type == "cpu" and not args.no_reference:
-        if args.mode != "relative_position":
-            print("[original algorithm row only implemented for relative_position]")
-        else:
-            ops = _load_reference_ops()
-    reference = _reference_block(ours, ops) if ops is not None else None
+    ops = _load_reference_ops() if device.type == "cpu" and not args.no_reference else None
+    reference = _original_algorithm(ours, ops) if ops is not None else None
     if reference is not None:
         with torch.no_grad():
             diff = (reference(x) - ours(x)).abs().max().item()

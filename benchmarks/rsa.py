@@ -55,14 +55,14 @@ def _reset_peak() -> bool:
         return False
 
 
-def _build(spec: dict, impl: str):
+def _build(spec: dict, backend: str):
     import torch
 
     from zoo.layers.rsa import RSA
 
     torch.manual_seed(0)  # the same weights for both formulations
     return RSA(spec["channels"], spec["channels"], nh=8, dk=0, dv=0, dd=0, kernel_size=(5, 7, 7),
-               kernel_type="VplusR", feat_type="VplusR", impl=impl).to(spec["device"])
+               kernel_type="VplusR", feat_type="VplusR", backend=backend).to(spec["device"])
 
 
 def _step_fn(layer, x, train: bool):
@@ -82,7 +82,7 @@ def _step_fn(layer, x, train: bool):
 
 
 def _worker(spec: dict) -> dict:
-    """Run in a fresh process. ``what='memory'``: peak memory of one step of ``spec['impl']``.
+    """Run in a fresh process. ``what='memory'``: peak memory of one step of ``spec['backend']``.
     ``what='time'``: both formulations in this process, timed alternately, best of ``repeats``."""
     import torch
 
@@ -92,16 +92,16 @@ def _worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     n, t, hw, c = spec["batch"], spec["frames"], spec["size"], spec["channels"]
     train = spec["mode"] == "train"
-    impls = [spec["impl"]] if spec["what"] == "memory" else ["reference", "chunked"]
+    backends = [spec["backend"]] if spec["what"] == "memory" else ["reference", "auto"]
     steps = {}
-    for impl in impls:
-        layer = _build(spec, impl)
+    for backend in backends:
+        layer = _build(spec, backend)
         torch.manual_seed(1)
         x = torch.randn(n, c, t, hw, hw, device=device, requires_grad=train)
         # Warm-up on a tiny clip: oneDNN's one-time set-up must not count as this run's memory.
         with torch.no_grad():
             layer(torch.randn(1, c, 2, hw, hw, device=device))
-        steps[impl] = _step_fn(layer, x, train)
+        steps[backend] = _step_fn(layer, x, train)
 
     def sync():
         if device.type == "cuda":
@@ -109,7 +109,7 @@ def _worker(spec: dict) -> dict:
 
     result = {}
     if spec["what"] == "memory":
-        step = steps[spec["impl"]]
+        step = steps[spec["backend"]]
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -128,15 +128,15 @@ def _worker(spec: dict) -> dict:
         return result
     for step in steps.values():
         step()  # full-size warm-up
-    for impl in impls:
-        result[impl] = {"cpu_s": float("inf"), "wall_s": float("inf")}
+    for backend in backends:
+        result[backend] = {"cpu_s": float("inf"), "wall_s": float("inf")}
     for _ in range(spec["repeats"]):
-        for impl, step in steps.items():  # alternate, so load changes hit both alike
+        for backend, step in steps.items():  # alternate, so load changes hit both alike
             sync()
             c0, w0 = time.process_time(), time.perf_counter()
             step()
             sync()
-            r = result[impl]
+            r = result[backend]
             r["cpu_s"] = min(r["cpu_s"], time.process_time() - c0)
             r["wall_s"] = min(r["wall_s"], time.perf_counter() - w0)
     return result
@@ -183,9 +183,9 @@ def main(argv=None) -> int:
           f"({batch}, {args.channels}, {frames}, {args.size}, {args.size}), device {args.device}")
     rows = []
     for mode in args.modes.split(","):
-        times = _run({**base, "impl": None, "mode": mode, "what": "time"})
-        ref, ours = ({**_run({**base, "impl": impl, "mode": mode, "what": "memory"}), **times[impl]}
-                     for impl in ("reference", "chunked"))
+        times = _run({**base, "backend": None, "mode": mode, "what": "time"})
+        ref, ours = ({**_run({**base, "backend": backend, "mode": mode, "what": "memory"}), **times[backend]}
+                     for backend in ("reference", "auto"))
         diff = max(abs(a - b) for a, b in zip(ref["sample"], ours["sample"]))
         rows.append((mode, ref, ours, diff))
 

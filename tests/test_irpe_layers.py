@@ -10,7 +10,8 @@ from conftest import fixture_dir, load_case
 from zoo.layers import irpe
 from zoo.layers.irpe import (METHOD, RPEAttention, RPEMultiheadAttention, build_rpe, get_bucket_ids_2d,
                              get_rpe_config, iRPE, iRPE_Cross, parse_rpe_spec, piecewise_index,
-                             rpe_config_from_spec, rpe_index_reference)
+                             rpe_config_from_spec)
+from zoo.ops import rpe_index, rpe_index_reference
 
 FAMILY = "irpe"
 
@@ -34,8 +35,9 @@ def _close(actual, expected, atol, rtol, what):
 
 @pytest.fixture(params=["fast", "reference"])
 def path(request, monkeypatch):
-    """Run each case through the fast path (gather / scatter, native op if present) and the reference."""
-    monkeypatch.setattr(iRPE, "use_fast_path", request.param == "fast")
+    """Run each case through the fast path (gather / scatter, native op if present) and the reference:
+    RELZOO_OPS decides what every module's ``backend="auto"`` means."""
+    monkeypatch.setenv("RELZOO_OPS", "auto" if request.param == "fast" else "reference")
     return request.param
 
 
@@ -160,17 +162,18 @@ def test_quant_ctx_native_index_fixed():
 
 
 def test_index_paths_agree():
-    """torch.gather, the reference flat gather (and zoo.ops.rpe_index when present) give the same values and grads."""
+    """The original's pure-python flat gather, zoo.ops.rpe_index_reference (torch.gather) and zoo.ops.rpe_index
+    (the native op when present) give the same values and grads."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 10, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 10, (12, 12))
-    ref = rpe_index_reference(x, idx)
+    ref = x.flatten(2)[:, :, idx + torch.arange(12).view(-1, 1) * 10]  # flat ids index[i, j] + i * nb
     g = torch.randn_like(ref)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
-    fast = irpe._rpe_index(x, idx, idx.int(), use_fast_path=True)
-    (gx_fast,) = torch.autograd.grad(fast, x, g)
-    assert torch.equal(ref, fast)
-    torch.testing.assert_close(gx_ref, gx_fast, atol=1e-12, rtol=0)
+    for fast in (rpe_index_reference(x, idx), rpe_index(x, idx.int())):
+        (gx_fast,) = torch.autograd.grad(fast, x, g)
+        assert torch.equal(ref, fast)
+        torch.testing.assert_close(gx_ref, gx_fast, atol=1e-12, rtol=0)
 
 
 # ---------------------------------------------------------------------------- attention

@@ -1,4 +1,5 @@
-"""Native-op loader (zoo/ops.py) and the iRPE ``rpe_index`` kernel (ops/rpe_index/).
+"""Native-op loader (zoo/ops/build.py), the backend switch (zoo/ops/backend.py) and the iRPE
+``rpe_index`` op (zoo/ops/rpe_index.py, kernel in ops/rpe_index/).
 
 Builds are cached in ``$RELZOO_EXTENSIONS_DIR`` (tests/conftest.py points it at
 ~/.cache/relzoo/extensions), so only the tests that must see a first build
@@ -22,7 +23,11 @@ import torch
 
 import zoo.ops as ops
 import zoo.paths
+from zoo._fs import file_lock
 from zoo.errors import OpsError
+from zoo.ops.build import _cached_library, _recipe
+
+loader = sys.modules["zoo.ops.build"]  # the module; ``zoo.ops.build`` is the function of that name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPILE_LINE = "RelZoo: compiling native op 'rpe_index'"
@@ -70,7 +75,7 @@ LOAD_AND_CHECK = """
 
 def cpu_folder() -> str:
     """Cache folder name of the CPU-only build (what the subprocesses build)."""
-    return ops._recipe("rpe_index", False, None).folder
+    return _recipe("rpe_index", False, None).folder
 
 
 @pytest.fixture(scope="session")
@@ -148,7 +153,7 @@ def test_first_build_by_two_processes_at_once_over_a_broken_cache_then_cached_lo
     assert stderr.count(COMPILE_LINE) == 1, stderr             # exactly one build, announced in one line
     assert stderr.count("waiting for another process") == 1, stderr
     assert [p.name for p in ext.iterdir() if p.is_dir()] == [cpu_folder()]  # debris and private folders gone
-    assert ops._cached_library(built) == built / library.name
+    assert _cached_library(built) == built / library.name
     assert not (built / "lock").exists()                      # torch's lock file never lands in the cache
     manifest = json.loads((built / ops.MANIFEST).read_text())
     assert manifest["build_seconds"] > 0 and manifest["cuda"] is False
@@ -178,7 +183,7 @@ def test_waiting_for_a_held_lock_times_out(tmp_path):
     `native` gives up after the timeout with an error naming the holder."""
     ext = tmp_path / "ext"
     ext.mkdir()
-    with ops._BuildLock(ext / f"{cpu_folder()}.lock", timeout=5, what="test"):
+    with file_lock(ext / f"{cpu_folder()}.lock", timeout=5, what="test"):
         proc = run_python("""
             import os, warnings, torch, zoo.ops as ops
             from zoo.errors import OpsError
@@ -234,7 +239,7 @@ def test_mode_auto_falls_back_once_when_the_compiler_is_missing(tmp_path):
 
 
 def test_mode_native_raises_instead_of_falling_back(monkeypatch):
-    monkeypatch.setattr(ops, "_FAILED", {})
+    monkeypatch.setattr(loader, "_FAILED", {})
     monkeypatch.setenv("RELZOO_OPS", "native")
     with pytest.raises(OpsError, match="unknown native op 'no_such_op'"):
         ops.get_op("no_such_op")
@@ -385,6 +390,21 @@ def test_empty_inputs(native):
         x, index = random_case(lead, Lq, Lk, nb)
         y, gx = grads(native.rpe_index, x, index, torch.ones(*lead, Lq, Lk, dtype=torch.float64))
         assert y.shape == (*lead, Lq, Lk) and gx.shape == x.shape and not gx.any()
+
+
+def test_backend_argument_chooses_the_path(native, monkeypatch):
+    """``backend`` overrides RELZOO_OPS's "auto"; "native" never falls back silently."""
+    x, index = random_case()
+    assert ops.use_native("rpe_index", "native", "cpu") and ops.use_native("rpe_index", "auto", "cpu")
+    assert not ops.use_native("rpe_index", "reference", "cpu")
+    if not HAS_GPU:  # the build has no CUDA kernels
+        with pytest.raises(OpsError, match="no kernel for device type 'cuda'"):
+            ops.use_native("rpe_index", "native", "cuda")
+    monkeypatch.setenv("RELZOO_OPS", "reference")
+    assert not ops.use_native("rpe_index", "auto", "cpu")
+    assert torch.equal(ops.rpe_index(x, index), ops.rpe_index_reference(x, index))
+    with pytest.raises(OpsError, match="RELZOO_OPS=reference"):
+        ops.rpe_index(x, index, backend="native")
 
 
 def test_gradcheck_and_gradgradcheck(native):

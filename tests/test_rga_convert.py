@@ -125,7 +125,7 @@ def _reference_network(state: OrderedDict):
     sizes = [(256, 64 * 32), (512, 32 * 16), (1024, 16 * 8), (2048, 16 * 8)]
     modules = []
     for k, (c, n) in enumerate(sizes, start=1):
-        module = RGA_Module(c, n, low_rank=False)
+        module = RGA_Module(c, n, backend="reference")
         prefix = f"backbone.rga_att{k}."
         missing, unexpected = module.load_state_dict(
             {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}, strict=False)

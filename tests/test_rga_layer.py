@@ -1,4 +1,5 @@
-"""RGA_Module parity with the original (fixtures rga_s/c/sc_stage3) and low-rank == direct."""
+"""RGA_Module parity with the original (fixtures rga_s/c/sc_stage3) and low-rank (backend "auto") == direct
+("reference")."""
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,11 @@ from zoo.layers.rga import RGA_Module, relation_conv_direct, relation_conv_low_r
 CASES = ["rga_s_stage3", "rga_c_stage3", "rga_sc_stage3"]
 
 
-def _build(case: str, low_rank: bool, dtype=torch.float32):
+def _build(case: str, backend: str, dtype=torch.float32):
     """The module of a fixture case with its stored weights, plus the case's tensors."""
     meta, tensors = load_case("rga", case)
     kwargs = {k: v for k, v in meta["constructor"].items() if k != "class"}
-    module = RGA_Module(**kwargs, low_rank=low_rank)
+    module = RGA_Module(**kwargs, backend=backend)
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     # the fixture state is torch-0.4 style: no num_batches_tracked, otherwise the same keys
     missing, unexpected = module.load_state_dict(state, strict=False)
@@ -25,7 +26,7 @@ def _build(case: str, low_rank: bool, dtype=torch.float32):
 
 @pytest.mark.parametrize("case", CASES)
 def test_state_dict_keys_match_original(case):
-    meta, tensors, module = _build(case, low_rank=True)
+    meta, tensors, module = _build(case, backend="auto")
     ours = [k for k in module.state_dict() if not k.endswith("num_batches_tracked")]
     original = [k[len("state."):] for k in meta["tensors"] if k.startswith("state.")]
     assert ours == original  # same names in the same (registration) order
@@ -33,11 +34,11 @@ def test_state_dict_keys_match_original(case):
         assert module.state_dict()[key].shape == tensors["state." + key].shape
 
 
-@pytest.mark.parametrize("low_rank", [True, False], ids=["low_rank", "direct"])
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["low_rank", "direct"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_eval_outputs_and_logits(case, low_rank, dtype):
-    meta, t, module = _build(case, low_rank, dtype)
+def test_eval_outputs_and_logits(case, backend, dtype):
+    meta, t, module = _build(case, backend, dtype)
     module.eval()
     with torch.no_grad():
         out, spatial, channel = module.forward_with_logits(t["input"].to(dtype))
@@ -53,10 +54,10 @@ def test_eval_outputs_and_logits(case, low_rank, dtype):
         assert channel is None
 
 
-@pytest.mark.parametrize("low_rank", [True, False], ids=["low_rank", "direct"])
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["low_rank", "direct"])
 @pytest.mark.parametrize("case", CASES)
-def test_gradients_float64(case, low_rank):
-    meta, t, module = _build(case, low_rank, torch.float64)
+def test_gradients_float64(case, backend):
+    meta, t, module = _build(case, backend, torch.float64)
     module.eval()
     x = t["input"].double().clone().requires_grad_()
     out = module(x)
@@ -75,7 +76,7 @@ def test_gradients_float64(case, low_rank):
 
 def test_gradients_float32_relative_l2():
     """A float32 candidate: relative L2 error <= 2e-2 per tensor (README)."""
-    meta, t, module = _build("rga_sc_stage3", True, torch.float32)
+    meta, t, module = _build("rga_sc_stage3", "auto", torch.float32)
     module.eval()
     x = t["input"].clone().requires_grad_()
     (module(x) * t["grad_output"]).sum().backward()
@@ -88,8 +89,8 @@ def test_gradients_float32_relative_l2():
 @pytest.mark.parametrize("case", CASES)
 def test_train_mode_low_rank_equals_direct(case):
     """Training mode (batch statistics, running-stat updates, gradients): both forms agree."""
-    _, t, fast = _build(case, True, torch.float64)
-    _, _, direct = _build(case, False, torch.float64)
+    _, t, fast = _build(case, "auto", torch.float64)
+    _, _, direct = _build(case, "reference", torch.float64)
     fast.train()
     direct.train()
     x = t["input"].double()
@@ -177,14 +178,15 @@ class _LargestTensor:
 
 
 @pytest.mark.parametrize("channels,positions,height", [(64, 1024, 32), (1024, 64, 8)], ids=["spatial", "channel"])
-def test_low_rank_never_materialises_the_relation(channels, positions, height):
+def test_low_rank_never_materialises_the_relation(channels, positions, height, monkeypatch):
     """The spatial relation is N x N, the channel one C x C (16x the input here, as at rga_att1 /
     rga_att4 of the network); the fast form creates no tensor that big, the direct one does."""
+    monkeypatch.delenv("RELZOO_OPS", raising=False)  # "auto" is the fast form unless RELZOO_OPS=reference
     x = torch.rand(1, channels, height, positions // height)
     relation_size = max(channels, positions) ** 2
-    for low_rank, expect_relation in ((True, False), (False, True)):
-        module = RGA_Module(channels, positions, low_rank=low_rank).eval()
+    for backend, expect_relation in (("auto", False), ("reference", True)):
+        module = RGA_Module(channels, positions, backend=backend).eval()
         mode = _LargestTensor()
         with torch.no_grad(), mode:
             module(x)
-        assert (mode.largest >= relation_size) == expect_relation, (low_rank, mode.largest)
+        assert (mode.largest >= relation_size) == expect_relation, (backend, mode.largest)

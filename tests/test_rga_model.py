@@ -80,7 +80,7 @@ def test_rga_modules_sit_after_each_stage_with_last_stride_one():
 def test_low_rank_and_direct_models_agree():
     torch.manual_seed(0)
     fast = RGAResNet50(num_classes=5, **TINY).double().eval()
-    direct = RGAResNet50(num_classes=5, low_rank=False, **TINY).double().eval()
+    direct = RGAResNet50(num_classes=5, backend="reference", **TINY).double().eval()
     direct.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 64, 32, dtype=torch.float64)
     with torch.no_grad():

@@ -2,10 +2,12 @@
 
 Fixtures: shared/fixtures/rpa (module cases float32, op cases float64; tolerances from its README).
 1-D/3-D blocks have no original: they are checked against the 2-D block on height-1/depth-1 inputs
-and with gradcheck. The chunked fast path is checked against a direct index formulation written here.
+and with gradcheck. The chunked fast path is checked against a direct index formulation written here,
+and against the library's reference backend (the original's algorithm) for every mode and interpolation.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import os
 
@@ -41,9 +43,9 @@ def _modes_for(meta: dict) -> list[bool]:
     return [False, True]
 
 
-def _run_module_case(case: str, bug_compatible: bool):
+def _run_module_case(case: str, bug_compatible: bool, backend: str = "auto"):
     meta, t = load_case("rpa", case)
-    block = MultiheadNonlocal2d(**meta["ctor"], bug_compatible=bug_compatible)
+    block = MultiheadNonlocal2d(**meta["ctor"], bug_compatible=bug_compatible, backend=backend)
     block.load_state_dict({k[len("state."):]: v for k, v in t.items() if k.startswith("state.")})
     block.eval()
     x = t["input"].clone().requires_grad_()
@@ -52,13 +54,14 @@ def _run_module_case(case: str, bug_compatible: bool):
     return meta, t, block, x, out
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("case", _cases("nl2d_"))
-def test_module_matches_original(case):
+def test_module_matches_original(case, backend):
     meta, _ = load_case("rpa", case)
     for bug_compatible in _modes_for(meta):
-        meta, t, block, x, out = _run_module_case(case, bug_compatible)
+        meta, t, block, x, out = _run_module_case(case, bug_compatible, backend)
         tol_out, tol_grad = meta["tolerance"]["output"], meta["tolerance"]["grads"]
-        mode = f"{case} bug_compatible={bug_compatible}"
+        mode = f"{case} bug_compatible={bug_compatible} backend={backend}"
         _close(out, t["output"], tol_out, f"{mode} output")
         _close(x.grad, t["grad_input"], tol_grad, f"{mode} grad_input")
         for name, param in block.named_parameters():
@@ -246,6 +249,58 @@ def test_fast_path_equals_direct_formulation(ctor, shape, block_elements, monkey
     direct = torch.autograd.grad(_direct_block(block, x).square().sum(), [*block.a_k, *block.a_v, block.embed_conv[0].weight])
     for g, ref in zip(grads, direct):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+
+
+# ---- the reference backend (the original's algorithm, spec §1.3/§4) against the fast path ----
+
+RPA_CONFIGS = [
+    ("relative_distance", 4, "nearest", False),
+    ("relative_distance", 4, "lerp", False),
+    ("relative_position", 5, "nearest", False),
+    ("relative_position", 5, "alerp", False),
+    ("relative_position", 5, "slerp", False),
+    ("relative_position", 5, "lerp", False),           # = alerp
+    ("relative_position", (3, 5), "slerp", False),     # non-square kernel
+    ("relative_position", 5, "lerp", True),            # = nearest
+    ("relative_position", 3, "slerp", True),           # the original's transposed table on non-square maps
+    (None, None, "nearest", False),
+]
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 6), (2, 6, 5, 8)], ids=["square", "non_square"])
+@pytest.mark.parametrize("mode,rpa_kernel,interpolation,bug_compatible", RPA_CONFIGS)
+def test_reference_backend_equals_fast_path(mode, rpa_kernel, interpolation, bug_compatible, shape):
+    """Outputs and gradients (input and every parameter), float64, embedding conv with padding."""
+    torch.manual_seed(7)
+    fast = MultiheadNonlocal2d(6, hidden_channels=3, num_heads=2, kernel_size=3, padding=1, rpa_mode=mode,
+                               rpa_kernel_size=rpa_kernel, rpa_interpolation=interpolation, rpa_zero_init=False,
+                               bug_compatible=bug_compatible).double()
+    reference = copy.deepcopy(fast)
+    reference.backend = "reference"
+    x = torch.randn(*shape, dtype=torch.float64)
+    results = []
+    for block in (fast, reference):
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        results.append((out, torch.autograd.grad(out.square().sum(), [xi, *block.parameters()])))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_attend_ops_equal_the_fast_ones():
+    torch.manual_seed(8)
+    q = torch.rand(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 12, 12, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    for op, first in ((rpa.relative_attend_query2d, q), (rpa.relative_attend_weight2d, w)):
+        fast, ref = op(first, a, 3, 4), op(first, a, 3, 4, backend="reference")
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+        upstream = torch.randn_like(ref)
+        grads, ref_grads = (torch.autograd.grad(out, [first, a], upstream) for out in (fast, ref))
+        for g, g_ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_2d_block_and_ops():

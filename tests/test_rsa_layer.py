@@ -34,11 +34,11 @@ def _run_case(module, meta, tensors):
 
 # The reference formulation at layer3 size takes several times longer (it is what the chunked one
 # improves on); it is held equal to the chunked one on every type in test_chunked_equals_reference_*.
-@pytest.mark.parametrize("case,impl", [(c, i) for c in LAYER_CASES for i in ("chunked", "reference")
+@pytest.mark.parametrize("case,backend", [(c, i) for c in LAYER_CASES for i in ("auto", "reference")
                                        if (c, i) != ("rsa_l3_VplusR_VplusR", "reference")])
-def test_layer_matches_original(case, impl):
+def test_layer_matches_original(case, backend):
     meta, tensors = load_case("rsa", case)
-    layer = RSA(**meta["constructor_args"], impl=impl)
+    layer = RSA(**meta["constructor_args"], backend=backend)
     # same keys, same order, same shapes as the original's state_dict
     assert [(k, list(v.shape)) for k, v in layer.state_dict().items()] == \
         [(k, list(v)) for k, v in meta["state_dict_keys"].items()]
@@ -57,8 +57,8 @@ def test_derived_sizes_match_fixture():
         assert layer.projection.weight.shape[0] == d["d_hid"]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
-def test_rsa_bottleneck_block_matches_original(impl):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_rsa_bottleneck_block_matches_original(backend):
     """The RSA block as RSANet builds it: the shared ResNet's Bottleneck with RSA as conv2."""
     meta, tensors = load_case("rsa", "rsa_block_l1")
     cfg = meta["constructor_args"]["config"]
@@ -67,7 +67,8 @@ def test_rsa_bottleneck_block_matches_original(impl):
         if (stage, block) != (1, 2):
             return None
         return RSA(width, width, nh=cfg["nh"], dk=cfg["dk"], dv=cfg["dv"], dd=cfg["dd"],
-                   kernel_size=cfg["kernel_size"], kernel_type=cfg["kernel_type"], feat_type=cfg["feat_type"], impl=impl)
+                   kernel_size=cfg["kernel_size"], kernel_type=cfg["kernel_type"], feat_type=cfg["feat_type"],
+                   backend=backend)
 
     net = ResNet(layers=(3, 1, 1, 1), conv_dims=3, spatial_layer=spatial)
     block = net.layer1[2].eval()
@@ -126,7 +127,7 @@ def test_chunked_inference_and_batch_slices_float32():
     torch.manual_seed(0)
     layer = RSA(32, 32, nh=4, dk=0, dv=0, dd=0, kernel_size=(3, 5, 5), kernel_type="VplusR", feat_type="VplusR")
     ref = RSA(32, 32, nh=4, dk=0, dv=0, dd=0, kernel_size=(3, 5, 5), kernel_type="VplusR", feat_type="VplusR",
-              impl="reference")
+              backend="reference")
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(3, 32, 4, 6, 6)
     with torch.no_grad():

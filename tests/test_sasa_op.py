@@ -6,8 +6,8 @@ import torch
 
 from zoo import ops
 from zoo.errors import OpsError
-from zoo.layers import _na_op
-from zoo.layers._na_op import neighborhood_attention, neighborhood_attention_reference
+from zoo.ops import neighborhood_attn
+from zoo.ops.neighborhood_attn import neighborhood_attention, neighborhood_attention_reference
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def native():
     """Build/load the op once; RELZOO_OPS=reference runs skip the native checks."""
     if ops.mode() == "reference":
         pytest.skip("RELZOO_OPS=reference: native op disabled")
-    ops.load(_na_op.OP_NAME)  # a build failure is a test failure, with the compiler output
+    ops.load(neighborhood_attn.OP_NAME)  # a build failure is a test failure, with the compiler output
     return torch.ops.relzoo
 
 
@@ -119,8 +119,9 @@ def test_opcheck_schema_fake_and_autograd(native):
 def test_reference_mode_never_builds(monkeypatch):
     monkeypatch.setenv("RELZOO_OPS", "reference")
     calls = []
-    real = _na_op.neighborhood_attention_reference
-    monkeypatch.setattr(_na_op, "neighborhood_attention_reference", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = neighborhood_attn.neighborhood_attention_reference
+    monkeypatch.setattr(neighborhood_attn, "neighborhood_attention_reference",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, rel, _ = _inputs(1, 1, 3, 3, 3, 3, 2, 2, (3, 3))
     neighborhood_attention(q, k, v, rel, kernel_size=3, offset=-1)
     assert calls == [1]

@@ -27,30 +27,37 @@ Fixes over the original (documented at the places they occur):
 * the per-module bucket cache is keyed by (H, W, L, device), not (H, W, device), so
   changing the number of skip tokens never reuses stale ids.
 
-Fast paths (outputs equal to the reference formulation, tests hold them equal):
+Backends of :class:`iRPE` (:mod:`zoo.ops.backend`; outputs equal, tests hold them equal):
 
-* transposed contextual modules gather with the native ``zoo.ops.rpe_index`` kernel when
-  ``zoo.ops`` provides it, else with ``torch.gather`` (whose backward is a scatter-add,
-  cheaper than the advanced-indexing backward of the original's pure-python path);
-* the value module scatters the attention probabilities into buckets,
-  (B, heads, L, nb) @ (nb, d), instead of materialising the (heads, L, L, d) gathered table.
-  ``iRPE.use_fast_path = False`` selects the literal reference formulation.
+* ``"auto"`` (default) and ``"native"``, the fast index path: transposed contextual modules gather
+  with :func:`zoo.ops.rpe_index`, i.e. the native ``rpe_index`` kernel where it builds (``"native"``:
+  an error where it does not), else ``torch.gather`` (whose backward is a scatter-add, cheaper than
+  the advanced-indexing backward of the original's pure-python path); the value module scatters the
+  attention probabilities into buckets, (B, heads, L, nb) @ (nb, d), instead of materialising the
+  (heads, L, L, d) gathered table.
+* ``"reference"``, the literal original formulation: the gather of :func:`zoo.ops.rpe_index_reference`
+  and the gathered (heads, L, L, d) value table.
+
+The backend is an :class:`iRPE` constructor argument and attribute; ``RELZOO_OPS=reference`` selects
+the reference for every module left at ``"auto"``.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.ops.backend import check_backend, resolve
+from zoo.ops.rpe_index import rpe_index
+
 __all__ = [
     "METHOD", "piecewise_index", "get_num_buckets", "get_bucket_ids_2d", "get_bucket_ids_2d_without_skip",
     "iRPE", "iRPE_Cross", "get_single_rpe_config", "get_rpe_config", "build_rpe", "parse_rpe_spec",
-    "rpe_config_from_spec", "rpe_index_reference", "RPEMultiheadAttention", "RPEAttention",
+    "rpe_config_from_spec", "RPEMultiheadAttention", "RPEAttention",
 ]
 
 
@@ -250,47 +257,6 @@ def get_bucket_ids_2d(method: Union[int, str], height: int, width: int, skip: in
 
 
 # --------------------------------------------------------------------------------------
-# The index step: Y[b, h, i, j] = X[b, h, i, P[i, j]]  (spec §3, §6)
-# --------------------------------------------------------------------------------------
-
-def rpe_index_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Reference gather, the definition: x (B, H, Lq, nb), index (Lq, Lk) integer -> (B, H, Lq, Lk).
-
-    Flattens x to (B, H, Lq*nb) and picks ``index[i, j] + i*nb`` (the original's pure-python path).
-    """
-    lq, nb = x.shape[-2:]
-    flat = index.long() + torch.arange(lq, device=index.device).view(-1, 1) * nb
-    return x.flatten(2)[:, :, flat]
-
-
-@lru_cache(maxsize=None)
-def _native_rpe_index():
-    """``zoo.ops.rpe_index`` (native kernel, or its own pure-torch path per ``RELZOO_OPS``), or None
-    when the ops module is not available (the layers must not depend on it)."""
-    try:
-        from zoo import ops
-    except ImportError:
-        return None
-    fn = getattr(ops, "rpe_index", None)
-    return fn if callable(fn) else None
-
-
-def _rpe_index(x: torch.Tensor, index: torch.Tensor, index32: Optional[torch.Tensor], use_fast_path: bool) -> torch.Tensor:
-    """The index step with the best available implementation (all give identical values).
-
-    ``zoo.ops.rpe_index`` picks the native kernel or its own pure-torch gather per ``RELZOO_OPS``
-    (``native`` makes a kernel that cannot be built an error, as the user asked).
-    """
-    if not use_fast_path:
-        return rpe_index_reference(x, index)
-    native = _native_rpe_index()
-    if native is not None and index32 is not None:
-        return native(x, index32)
-    b, h, lq, _ = x.shape
-    return torch.gather(x, 3, index.view(1, 1, lq, -1).expand(b, h, lq, index.shape[1]))
-
-
-# --------------------------------------------------------------------------------------
 # Modules (spec §3)
 # --------------------------------------------------------------------------------------
 
@@ -307,17 +273,17 @@ class iRPE(nn.Module):
         num_buckets: table size (including the skip bucket if any).
         initializer: callable applied to the table after creation (default: leave zeros).
         rpe_config: the single config (``alpha``, ``beta``, ``gamma`` needed for the buckets).
+        backend: ``"auto"`` (default), ``"native"`` or ``"reference"`` (module docstring); kept as
+            the ``backend`` attribute, which may be changed later.
 
     Parameters: ``lookup_table_bias`` (heads, nb) for transposed bias; ``lookup_table_weight``
     (heads, d, nb) for transposed contextual, (heads, nb, d) for non-transposed contextual.
     Non-transposed bias raises NotImplementedError, like the original.
     """
 
-    #: False selects the literal reference formulation (advanced-indexing gather; gathered value table).
-    use_fast_path: bool = True
-
     def __init__(self, head_dim: int, num_heads: int = 8, mode: Optional[str] = None, method=None,
-                 transposed: bool = True, num_buckets: Optional[int] = None, initializer=None, rpe_config=None):
+                 transposed: bool = True, num_buckets: Optional[int] = None, initializer=None, rpe_config=None,
+                 *, backend: str = "auto"):
         super().__init__()
         if rpe_config is None or not all(k in rpe_config for k in ("alpha", "beta", "gamma")):
             raise ValueError("iRPE needs rpe_config with alpha, beta and gamma (make it with get_single_rpe_config)")
@@ -333,6 +299,7 @@ class iRPE(nn.Module):
         self.num_buckets = int(num_buckets)
         self.initializer = initializer if initializer is not None else (lambda x: None)
         self.rpe_config = rpe_config
+        self.backend = check_backend(backend, what="iRPE backend")
         self._rp_bucket = None  # ((H, W, L, device), (ids int64, ids int32 or None))
         self.reset_parameters()
 
@@ -401,7 +368,8 @@ class iRPE(nn.Module):
         # Per-bucket products first, (heads, B*L, d) @ (table heads, d, nb), then the index step.
         per_bucket = torch.matmul(x.transpose(0, 1).reshape(heads, B * L, d), self.lookup_table_weight)
         per_bucket = per_bucket.view(heads, B, L, self.num_buckets).transpose(0, 1)
-        return _rpe_index(per_bucket, rp_bucket, rp_bucket_int32, self.use_fast_path)
+        index = rp_bucket if rp_bucket_int32 is None else rp_bucket_int32
+        return rpe_index(per_bucket, index, backend=self.backend)
 
     def forward_rpe_no_transpose(self, x: torch.Tensor, rp_bucket: torch.Tensor) -> torch.Tensor:
         """v term: out[b, h, i, :] = sum_j x[b, h, i, j] * w[h, P_ij, :]."""
@@ -411,7 +379,7 @@ class iRPE(nn.Module):
                              f"{rp_bucket.shape[0]}-token map")
         if self.num_heads not in (1, heads):
             raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
-        if not self.use_fast_path:
+        if resolve(self.backend, what="iRPE backend") == "reference":
             # Reference: gather the table per pair, (table heads, Lq, Lk, d), and contract over keys.
             weight = self.lookup_table_weight[:, rp_bucket, :]
             return torch.matmul(x.permute(1, 2, 0, 3), weight).permute(2, 0, 1, 3)
@@ -429,7 +397,8 @@ class iRPE(nn.Module):
 class iRPE_Cross(nn.Module):
     """Method CROSS: two :class:`iRPE` tables, ``rp_rows`` (row offsets) and ``rp_cols`` (columns); outputs summed.
 
-    Takes the same keyword arguments as :class:`iRPE` (``method`` must be CROSS).
+    Takes the same keyword arguments as :class:`iRPE` (``method`` must be CROSS); ``backend``
+    reads and sets both tables' backend.
     """
 
     def __init__(self, method, **kwargs):
@@ -438,6 +407,14 @@ class iRPE_Cross(nn.Module):
             raise ValueError(f"iRPE_Cross is for method CROSS, got {method!r}")
         self.rp_rows = iRPE(**kwargs, method=METHOD.CROSS_ROWS)
         self.rp_cols = iRPE(**kwargs, method=METHOD.CROSS_COLS)
+
+    @property
+    def backend(self) -> str:
+        return self.rp_rows.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.rp_rows.backend = self.rp_cols.backend = value
 
     @property
     def num_buckets(self) -> int:

@@ -6,10 +6,12 @@ sub-module names and therefore the same ``state_dict`` keys (the original's chec
 unchanged). Two differences, both harmless for a drop-in:
 
 - the original constructor prints ``Use_Spatial_Att: ...; Use_Channel_Att: ...``; this one does not;
-- ``low_rank=True`` (the default) computes the relation convolutions with the exact low-rank
-  identity of spec §1.7 instead of materialising the ``N x N`` / ``C x C`` relation tensors
-  (``benchmarks/rga.py``: ~20x less time and ~8x less memory for ``rga_att1``'s spatial relation).
-  ``low_rank=False`` is the direct (original) formulation; both give the same numbers.
+- two backends (:mod:`zoo.ops.backend`, no native op): ``backend="auto"`` (the default) computes the
+  relation convolutions with the exact low-rank identity of spec §1.7 instead of materialising the
+  ``N x N`` / ``C x C`` relation tensors (``benchmarks/rga.py``: ~20x less time and ~8x less memory
+  for ``rga_att1``'s spatial relation); ``backend="reference"`` is the direct (original)
+  formulation. Both give the same numbers. The older ``low_rank=True/False`` still works, with a
+  DeprecationWarning.
 
 The module only runs at the spatial size it was built for (``in_spatial == H * W``), as the
 original, because ``in_spatial`` sets the widths of the channel-branch convolutions.
@@ -21,6 +23,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.ops.backend import PURE_TORCH, check_backend, from_deprecated, resolve
 
 __all__ = ["RGA_Module", "relation_conv_direct", "relation_conv_low_rank"]
 
@@ -115,10 +119,11 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         cha_ratio: C' = C // cha_ratio (spatial embeddings, channel-relation embedding).
         spa_ratio: N' = N // spa_ratio (channel embeddings, spatial-relation embedding).
         down_ratio: reduction inside the attention MLPs ``W_spatial`` / ``W_channel``.
-        low_rank: the fast form (default): relation convolutions through the low-rank identity
-            (spec §1.7) and the 1x1 convs as plain matrix products; ``False``: the original's
-            computation, materialising the ``N x N`` / ``C x C`` relations and their maps. Same
-            numbers (to float round-off), same parameters, same BatchNorm statistics.
+        backend: ``"auto"`` (default, the fast form): relation convolutions through the low-rank
+            identity (spec §1.7) and the 1x1 convs as plain matrix products; ``"reference"``: the
+            original's computation, materialising the ``N x N`` / ``C x C`` relations and their maps.
+            Same numbers (to float round-off), same parameters, same BatchNorm statistics.
+        low_rank: deprecated spelling of ``backend``: True = ``"auto"``, False = ``"reference"``.
 
     Input ``[B, C, H, W]`` with ``H*W == in_spatial``; output the same shape. There is no
     residual: the output replaces the feature map.
@@ -133,7 +138,9 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         cha_ratio: int = 8,
         spa_ratio: int = 8,
         down_ratio: int = 8,
-        low_rank: bool = True,
+        *,
+        backend: str = "auto",
+        low_rank: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if not (use_spatial or use_channel):
@@ -146,7 +153,8 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         self.in_spatial = in_spatial
         self.use_spatial = use_spatial
         self.use_channel = use_channel
-        self.low_rank = low_rank
+        self.backend = from_deprecated("RGA_Module", "low_rank", low_rank, {True: "auto", False: "reference"},
+                                       check_backend(backend, PURE_TORCH, "RGA_Module backend"))
         self.inter_channel = in_channel // cha_ratio  # C'
         self.inter_spatial = in_spatial // spa_ratio  # N'
         if self.inter_channel < 1 or self.inter_spatial < 1:
@@ -178,11 +186,11 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
 
     def extra_repr(self) -> str:
         return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
-                f"use_channel={self.use_channel}, low_rank={self.low_rank}")
+                f"use_channel={self.use_channel}, backend={self.backend!r}")
 
     # ------------------------------------------------------------------------------------------
-    # Direct form: the original's computation, literally (relation tensors and their 2N-channel maps
-    # are materialised and fed to the gg_* convolutions).
+    # Direct form (backend "reference"): the original's computation, literally (relation tensors and
+    # their 2N-channel maps are materialised and fed to the gg_* convolutions).
 
     def _spatial_logits_direct(self, x: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> pre-sigmoid spatial attention ``[B, 1, H, W]`` (spec §1.3)."""
@@ -211,9 +219,9 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         return self.W_channel(torch.cat([unary, embedded], dim=1))
 
     # ------------------------------------------------------------------------------------------
-    # Fast form: the relation convolutions through the low-rank identity, and every 1x1 conv as one
-    # matrix product in a channels-last [B, positions, channels] layout (no im2col, no layout copies
-    # but one transpose of x for the spatial branch).
+    # Fast form (backend "auto"): the relation convolutions through the low-rank identity, and every
+    # 1x1 conv as one matrix product in a channels-last [B, positions, channels] layout (no im2col, no
+    # layout copies but one transpose of x for the spatial branch).
 
     def _logits_low_rank(self, tokens: Tensor, branch: str) -> Tensor:
         """One branch's attention logits from channels-last ``tokens`` [B, P, C] -> [B, P, 1].
@@ -254,8 +262,9 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
                 "the module only runs at the input size it was constructed for"
             )
         spatial_logits = channel_logits = None
-        spatial_fn = self._spatial_logits_low_rank if self.low_rank else self._spatial_logits_direct
-        channel_fn = self._channel_logits_low_rank if self.low_rank else self._channel_logits_direct
+        direct = resolve(self.backend, PURE_TORCH, "RGA_Module backend") == "reference"
+        spatial_fn = self._spatial_logits_direct if direct else self._spatial_logits_low_rank
+        channel_fn = self._channel_logits_direct if direct else self._channel_logits_low_rank
         if self.use_spatial:
             spatial_logits = spatial_fn(x)
             x = torch.sigmoid(spatial_logits) * x  # one map broadcast over the C channels

@@ -30,6 +30,13 @@ displacements its rows can reach, so the intermediate grid stays small. The two 
 other's adjoint, which is how the backward is written (first-order gradients, like the original).
 Everything else is GEMMs; there is no per-element loop.
 
+Backends (:mod:`zoo.ops.backend`, no native op), of the blocks and of the two attend ops: ``"auto"``
+(default) is the formulation above; ``"reference"`` is the original's algorithm (spec §1.3, §4): per
+head its own q/k/v, the displacement tables expanded for the current size, and the attend ops
+written with an explicit (query, key) -> table index (:func:`relative_attend_query_reference`,
+:func:`relative_attend_weight_reference`). Tests hold the two equal; ``benchmarks/rpa.py`` times
+them and the original's scalar-loop kernels.
+
 Compatibility layer: the four native ops of the original are available with their argument order,
 semantics and interpolation names, as :func:`rotative_pad2d`, :func:`spherical_pad2d`,
 :func:`relative_attend_query2d` and :func:`relative_attend_weight2d`.
@@ -62,6 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.ops.backend import PURE_TORCH, check_backend, resolve
+
 __all__ = [
     "MultiheadNonlocal1d",
     "MultiheadNonlocal2d",
@@ -70,6 +79,8 @@ __all__ = [
     "spherical_pad2d",
     "relative_attend_query2d",
     "relative_attend_weight2d",
+    "relative_attend_query_reference",
+    "relative_attend_weight_reference",
 ]
 
 RPA_MODES = ("relative_distance", "relative_position")
@@ -235,20 +246,21 @@ def _rp_pad2d(kernel: Sequence[int], sizes: Sequence[int], legacy: bool) -> tupl
     return (p_h, p_h, p_w, p_w) if legacy else (p_w, p_w, p_h, p_h)
 
 
-@lru_cache(maxsize=8)           # N x N indices; bug-compatible mode only
-def _legacy_index(sizes: tuple[int, int], table_shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Flat table index the original attend ops read for (query i, key j) from a table of ``table_shape``.
+@lru_cache(maxsize=8)           # N x N indices: the reference backend and bug-compatible mode
+def _pair_index(sizes: tuple[int, ...], table_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(N, N) flat index the original attend ops read for (query i, key j) from a table of ``table_shape``.
 
-    They read A[ah, aw] at ah * row_length + aw with the table's real row length; for the transposed
-    table this scrambles the layout (still within bounds only when H <= W for square kernels).
+    Per axis the displacement ``key - query + size - 1`` (spec §4: ah, aw), flattened with the table's
+    real row lengths. For the (2S_1-1) x ... x (2S_n-1) table that is the displacement cell; for the
+    bug-compatible transposed 2-D table it scrambles the layout as the original did (still within
+    bounds only when H <= W for square kernels; only such tables can be out of bounds).
     """
-    height, width = sizes
-    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    y, x = y.flatten(), x.flatten()
-    ah = y[None, :] - y[:, None] + height - 1
-    aw = x[None, :] - x[:, None] + width - 1
-    index = ah * table_shape[1] + aw
-    if int(index.max()) >= table_shape[0] * table_shape[1]:
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in sizes], indexing="ij")).flatten(1)  # (n, N)
+    offsets = torch.tensor(sizes).view(-1, 1, 1) - 1
+    disp = coords[:, None, :] - coords[:, :, None] + offsets                 # (n, N query, N key)
+    index = sum(d * math.prod(table_shape[a + 1:]) for a, d in enumerate(disp))
+    if int(index.max()) >= math.prod(table_shape):
+        height, width = sizes
         raise ValueError(
             f"bug_compatible relative_position cannot run on a {height}x{width} hidden map with this "
             f"kernel: the original reads past its {table_shape[0]}x{table_shape[1]} reference table here "
@@ -456,28 +468,59 @@ def _check_affinity(affinity: torch.Tensor, channels: int, height: int, width: i
     return affinity.reshape(channels, -1)
 
 
-def relative_attend_query2d(query: torch.Tensor, affinity: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def relative_attend_query_reference(query: torch.Tensor, affinity: torch.Tensor,
+                                    sizes: Sequence[int]) -> torch.Tensor:
+    """The original's relative logit op (spec §4.1) for any number of spatial dims, by an explicit index.
+
+    query: (B, d, N), N = prod(sizes) (row-major); affinity: (d, *table), the displacement table
+    read as the original does (:func:`_pair_index`). Returns (B, N, N):
+    R[b, i, j] = sum_c query[b, c, i] * affinity[c, disp(i, j)]. Materialises (d, N, N).
+    """
+    index = _pair_index(tuple(int(s) for s in sizes), tuple(affinity.shape[1:]), query.device)
+    return torch.einsum("bci,cij->bij", query, affinity.flatten(1)[:, index])
+
+
+def relative_attend_weight_reference(weight: torch.Tensor, affinity: torch.Tensor,
+                                     sizes: Sequence[int]) -> torch.Tensor:
+    """The original's relative value op (spec §4.2) for any number of spatial dims, by an explicit index.
+
+    weight: (B, N, N) attention weights; affinity: (d, *table). Returns (B, d, N):
+    O[b, c, i] = sum_j weight[b, i, j] * affinity[c, disp(i, j)]. Materialises (d, N, N).
+    """
+    index = _pair_index(tuple(int(s) for s in sizes), tuple(affinity.shape[1:]), weight.device)
+    return torch.einsum("bij,cij->bci", weight, affinity.flatten(1)[:, index])
+
+
+def relative_attend_query2d(query: torch.Tensor, affinity: torch.Tensor, height: int, width: int,
+                            backend: str = "auto") -> torch.Tensor:
     """Relative logit term, like ``torch.ops.rpa_sa.relative_attend_query2d``.
 
     query: (B, d, N), N = height * width (row-major); affinity: (d, 2H-1, 2W-1), centre = no displacement.
     Returns (B, N, N): R[b, i, j] = sum_c query[b, c, i] * affinity[c, y_j - y_i + H - 1, x_j - x_i + W - 1].
+    ``backend``: ``"auto"`` the chunked strided copies, ``"reference"`` :func:`relative_attend_query_reference`.
     """
     if query.dim() != 3 or query.shape[-1] != height * width:
         raise ValueError(f"relative_attend_query2d: query must be (B, d, {height}*{width}), got {tuple(query.shape)}")
     table = _check_affinity(affinity, query.shape[1], height, width, "relative_attend_query2d")
+    if resolve(backend, PURE_TORCH, "relative_attend_query2d backend") == "reference":
+        return relative_attend_query_reference(query, affinity, (height, width))
     return _RelativeToPairs.apply(query.transpose(1, 2), table.T, (int(height), int(width)))
 
 
-def relative_attend_weight2d(weight: torch.Tensor, affinity: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def relative_attend_weight2d(weight: torch.Tensor, affinity: torch.Tensor, height: int, width: int,
+                             backend: str = "auto") -> torch.Tensor:
     """Relative value term, like ``torch.ops.rpa_sa.relative_attend_weight2d``.
 
     weight: (B, N, N) attention weights; affinity: (d, 2H-1, 2W-1).
     Returns (B, d, N): O[b, c, i] = sum_j weight[b, i, j] * affinity[c, y_j - y_i + H - 1, x_j - x_i + W - 1].
+    ``backend``: ``"auto"`` the chunked strided copies, ``"reference"`` :func:`relative_attend_weight_reference`.
     """
     num = height * width
     if weight.dim() != 3 or tuple(weight.shape[1:]) != (num, num):
         raise ValueError(f"relative_attend_weight2d: weight must be (B, {num}, {num}), got {tuple(weight.shape)}")
     table = _check_affinity(affinity, affinity.shape[0], height, width, "relative_attend_weight2d")
+    if resolve(backend, PURE_TORCH, "relative_attend_weight2d backend") == "reference":
+        return relative_attend_weight_reference(weight, affinity, (height, width))
     return _RelativeFromPairs.apply(weight, table.T, (int(height), int(width))).transpose(1, 2)
 
 
@@ -505,7 +548,7 @@ class _MultiheadNonlocalNd(nn.Module):
                  kernel_size=1, stride=1, padding=0, dilation=1, use_scale: bool = True,
                  residual: bool = True, rpa_mode: str | None = None, rpa_kernel_size=None,
                  rpa_interpolation: str = "nearest", rpa_zero_init: bool = True, *,
-                 bug_compatible: bool = False, **older_names):
+                 bug_compatible: bool = False, backend: str = "auto", **older_names):
         super().__init__()
         # The original's first release spelled the rpa_* arguments rasa_*.
         for old in older_names:
@@ -542,6 +585,7 @@ class _MultiheadNonlocalNd(nn.Module):
         self.rpa_interpolation = rpa_interpolation
         self.rpa_zero_init = rpa_zero_init
         self.bug_compatible = bug_compatible
+        self.backend = check_backend(backend, PURE_TORCH, f"{type(self).__name__} backend")
         self.scale = hidden_channels ** -0.5 if use_scale else 1.0
 
         conv, conv_t = self._conv[self.ndim], self._conv_transpose[self.ndim]
@@ -669,6 +713,8 @@ class _MultiheadNonlocalNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, *spatial) -> (B, C_in, *spatial)."""
         self._check_input(x)
+        if resolve(self.backend, PURE_TORCH, f"{type(self).__name__} backend") == "reference":
+            return self._forward_reference(x)
         batch, heads, d = x.shape[0], self.num_heads, self.hidden_channels
         # One conv for all heads: head t owns channels [3dt, 3d(t+1)) = its q, k, v blocks.
         weight = torch.cat([conv.weight for conv in self.embed_conv])
@@ -693,6 +739,25 @@ class _MultiheadNonlocalNd(nn.Module):
         out = self.output_conv(y.reshape(batch, heads * d, *sizes), output_size=list(x.shape[2:]))
         return out + x if self.residual else out
 
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's algorithm (spec §1.3): per head its own embedding, the tables expanded for the
+        hidden size, the attend ops by index (spec §4), the scale applied to the whole logit."""
+        d, ys = self.hidden_channels, []
+        for t, conv in enumerate(self.embed_conv):
+            e = self._conv_fn(x, conv.weight, conv.bias, self.stride, self.padding, self.dilation)
+            sizes = tuple(e.shape[2:])
+            q, k, v = e.flatten(2).split(d, dim=1)                           # each (B, d, N)
+            logits = q.transpose(1, 2) @ k                                    # (B, N, N)
+            if self.rpa_mode is not None:
+                logits = logits + relative_attend_query_reference(q, self.reference_affinity("k", t, sizes), sizes)
+            attn = torch.softmax(self.scale * logits, dim=-1)
+            y = v @ attn.transpose(1, 2)                                      # (B, d, N)
+            if self.rpa_mode is not None:
+                y = y + relative_attend_weight_reference(attn, self.reference_affinity("v", t, sizes), sizes)
+            ys.append(y)
+        out = self.output_conv(torch.cat(ys, 1).reshape(x.shape[0], -1, *sizes), output_size=list(x.shape[2:]))
+        return out + x if self.residual else out
+
     @property
     def _conv_fn(self):
         return (F.conv1d, F.conv2d, F.conv3d)[self.ndim - 1]
@@ -704,7 +769,7 @@ class _MultiheadNonlocalNd(nn.Module):
         m = self._map(sizes, q.dtype, q.device)                            # (P, K')
         qa = torch.einsum("bhcn,hck->bhnk", q, a).reshape(batch * heads, num, -1)   # (B h, N, K')
         if self._legacy(sizes):
-            index = _legacy_index(sizes, self._table_shape(sizes), q.device)
+            index = _pair_index(sizes, self._table_shape(sizes), q.device)
             pairs = (qa @ m.T).gather(-1, index.expand(batch * heads, num, num))
         else:
             pairs = _RelativeToPairs.apply(qa, m, sizes)
@@ -717,7 +782,7 @@ class _MultiheadNonlocalNd(nn.Module):
         m = self._map(sizes, attn.dtype, attn.device)                      # (P, K')
         flat = attn.reshape(batch * heads, num, num)
         if self._legacy(sizes):
-            index = _legacy_index(sizes, self._table_shape(sizes), attn.device)
+            index = _pair_index(sizes, self._table_shape(sizes), attn.device)
             grid = flat.new_zeros(batch * heads, num, m.shape[0]).scatter_add(
                 -1, index.expand(batch * heads, num, num), flat)
             weights = grid @ m
@@ -753,6 +818,9 @@ _DOC_ARGS = """
         rpa_zero_init: a_k, a_v start at 0 (else U(0, 1)).
         bug_compatible: reproduce the original's behaviour where trained weights depend on it (module
             docstring, bugs 2 and 3). Older spellings ``rasa_mode`` etc. are accepted.
+        backend: ``"auto"`` (default): the plain tensor-op formulation (module docstring);
+            ``"reference"``: the original's algorithm, per head with explicit index tables. Kept as
+            the ``backend`` attribute, which may be changed later.
 
     state_dict: ``embed_conv.<t>.{weight,bias}``, ``output_conv.{weight,bias}``, and with an rpa_mode
     ``a_k.<t>``, ``a_v.<t>`` of shape (d, K) / (d, *rpa_kernel_size).

@@ -19,11 +19,13 @@ What the layer computes, per position p of a (T, H, W) clip and with ⋆ the zer
    comments say head-major, its memory order is value-major, pitfall §5.2).
 6. If any stride > 1: 3x3 average pool, spatial stride 2 (the stride values are otherwise unused).
 
-Two formulations of steps 3-5 give the same numbers:
+Two formulations of steps 3-5 give the same numbers; ``backend`` (:mod:`zoo.ops.backend`, no native
+op) chooses:
 
-* :func:`rsa_core_reference` -- the original's: materialises R, E, Γ and F for every position
-  (each ``N * 32 * 32 * T * H * W`` floats at the released sizes) and lets autograd keep them.
-* :func:`rsa_core_chunked` (default, ``impl='chunked'``) -- reorders the sums as
+* :func:`rsa_core_reference` (``backend="reference"``) -- the original's: materialises R, E, Γ and F
+  for every position (each ``N * 32 * 32 * T * H * W`` floats at the released sizes) and lets
+  autograd keep them.
+* :func:`rsa_core_chunked` (``backend="auto"``, the default) -- reorders the sums as
   ``O[u, h] = Σ_v Γ[v, u] A[h, v]`` with ``A[h, v] = Σ_j κ[h, j] E[v, j]`` (no F), works on
   slices of samples / channels so only one slice of R, E, Γ exists at a time, keeps only
   q̂, k̂, v̂ and κ for backward, and recomputes a slice's R, E, Γ there (custom backward).
@@ -39,6 +41,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.ops.backend import PURE_TORCH, check_backend, from_deprecated, resolve
 
 __all__ = ["RSA", "RSADims", "rsa_core_reference", "rsa_core_chunked"]
 
@@ -383,8 +387,9 @@ class RSA(nn.Module):
     (5, 7, 7); ``stride``: any entry > 1 adds a 3x3 average pool with spatial stride 2;
     ``kernel_type`` and ``feat_type``: 'V', 'R' or 'VplusR'.
 
-    Extra keyword-only args: ``impl`` 'chunked' (default, memory-efficient) or 'reference'
-    (the original's formulation); ``chunk_budget`` elements per slice of the chunked path.
+    Extra keyword-only args: ``backend`` ``"auto"`` (default: the chunked, memory-efficient
+    formulation) or ``"reference"`` (the original's formulation); ``impl`` its deprecated spelling
+    (``'chunked'`` = ``"auto"``, ``'reference'``); ``chunk_budget`` elements per slice of the chunked path.
 
     Constraints the original needs but does not check (checked here): kernel_type 'V' needs
     dd == dk; feat_type 'VplusR' needs dv == dk.
@@ -395,15 +400,15 @@ class RSA(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, nh: int = 1, dk: int = 16, dv: int = 0, dd: int = 0,
                  kernel_size: Sequence[int] = (3, 7, 7), stride: Sequence[int] = (1, 1, 1),
-                 kernel_type: str = "V", feat_type: str = "V", *, impl: str = "chunked",
-                 chunk_budget: int = 1 << 23):
+                 kernel_type: str = "V", feat_type: str = "V", *, backend: str = "auto",
+                 impl: Optional[str] = None, chunk_budget: int = 1 << 23):
         super().__init__()
         if kernel_type not in _TYPES:
             raise ValueError(f"RSA: kernel_type must be one of {_TYPES}, got {kernel_type!r}")
         if feat_type not in _TYPES:
             raise ValueError(f"RSA: feat_type must be one of {_TYPES}, got {feat_type!r}")
-        if impl not in ("chunked", "reference"):
-            raise ValueError(f"RSA: impl must be 'chunked' or 'reference', got {impl!r}")
+        backend = from_deprecated("RSA", "impl", impl, {"chunked": "auto", "reference": "reference"},
+                                  check_backend(backend, PURE_TORCH, "RSA backend"))
         kernel_size = tuple(int(s) for s in kernel_size)
         if len(kernel_size) != 3 or any(s < 1 for s in kernel_size):
             raise ValueError(f"RSA: kernel_size must be three positive ints (kT, kH, kW), got {kernel_size}")
@@ -426,7 +431,7 @@ class RSA(nn.Module):
         self.kernel_type, self.feat_type = kernel_type, feat_type
         self.ksize = math.prod(kernel_size)
         self.pad = tuple(s // 2 for s in kernel_size)
-        self.impl, self.chunk_budget = impl, int(chunk_budget)
+        self.backend, self.chunk_budget = backend, int(chunk_budget)
         self.dims = RSADims(nh, dk, dv, dd, kernel_size, kernel_type, feat_type)
 
         d_hid = nh * dk + dv if kernel_type == "V" else nh * dk + dk + dv
@@ -447,7 +452,7 @@ class RSA(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, nh={self.nh}, dk={self.dk}, dv={self.dv}, dd={self.dd}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, kernel_type={self.kernel_type!r}, "
-                f"feat_type={self.feat_type!r}, impl={self.impl!r}")
+                f"feat_type={self.feat_type!r}, backend={self.backend!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         """x (N, d_in, T, H, W) -> (N, nh * dv, T, H', W')."""
@@ -469,7 +474,7 @@ class RSA(nn.Module):
         params = (self.H1.weight if hasattr(self, "H1") else None, self.H2.weight,
                   self.G.weight if hasattr(self, "G") else None,
                   getattr(self, "P1", None), getattr(self, "I", None))
-        if self.impl == "reference":
+        if resolve(self.backend, PURE_TORCH, "RSA backend") == "reference":
             out = rsa_core_reference(q, k, v, *params, self.dims)
         else:
             out = rsa_core_chunked(q, k, v, *params, self.dims, budget=self.chunk_budget)

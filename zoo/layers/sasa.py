@@ -10,9 +10,13 @@
 * :class:`SASAttentionStem` — the paper's spatially-aware attention stem (spec §2).
 
 Every neighbourhood layer computes its 1x1 projections and calls one op,
-:func:`zoo.layers._na_op.neighborhood_attention` (native kernel, or the unfold formulation as the
-reference). Layers differ only in how they lay out heads, the relative table and the padding.
-Their ``forward(x, backend=None)`` accepts ``backend='native' | 'reference'`` to force one path.
+:func:`zoo.ops.neighborhood_attention`. Layers differ only in how they lay out heads, the relative
+table and the padding.
+
+Backends (:mod:`zoo.ops.backend`; the four neighbourhood layers, not the stem): ``backend="auto"``
+(constructor argument, kept as the ``backend`` attribute) runs the native neighbourhood kernel where
+it builds (``ops/neighborhood_attn/``), else the unfold reference; ``"native"`` demands the kernel;
+``"reference"`` is the unfold formulation. ``forward(x, backend=None)`` overrides it for one call.
 
 ``bug_compatible`` (all three drop-in layers): the default is correct behaviour; ``True`` reproduces
 the original's defects exactly, which is what weights trained with them need:
@@ -33,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.layers._na_op import neighborhood_attention
+from zoo.ops.backend import check_backend
+from zoo.ops.neighborhood_attn import neighborhood_attention
 
 __all__ = ["RelativeSelfAttention", "AttentionConv", "AttentionStem", "SASAttention2d", "SASAttentionStem"]
 
@@ -97,9 +102,11 @@ class RelativeSelfAttention(nn.Module):
     No 1/sqrt(d) temperature, no output projection.
 
     Shapes: x (B, d_in, H, W) -> (B, d_out, ceil(H/stride), ceil(W/stride)).
+    Backends: ``"auto"``, ``"native"``, ``"reference"`` (module docstring).
     """
 
-    def __init__(self, d_in: int, d_out: int, ks: int, groups: int, stride: int = 1, bug_compatible: bool = False):
+    def __init__(self, d_in: int, d_out: int, ks: int, groups: int, stride: int = 1, bug_compatible: bool = False,
+                 *, backend: str = "auto"):
         super().__init__()
         if d_out % groups or d_out % 2:
             raise ValueError(f"d_out={d_out} must be even and divisible by groups={groups}")
@@ -107,6 +114,7 @@ class RelativeSelfAttention(nn.Module):
             raise ValueError(f"ks and stride must be >= 1, got ks={ks}, stride={stride}")
         self.d_in, self.d_out, self.ks, self.groups, self.stride = d_in, d_out, ks, groups, stride
         self.bug_compatible = bug_compatible
+        self.backend = check_backend(backend, what="RelativeSelfAttention backend")
         self.qx = _Conv1x1(d_in, d_out)
         self.kx = _Conv1x1(d_in, d_out)
         self.vx = _Conv1x1(d_in, d_out)
@@ -130,7 +138,8 @@ class RelativeSelfAttention(nn.Module):
         k, v = F.pad(self.kx(x), pad), F.pad(self.vx(x), pad)
         g = self.groups
         out = neighborhood_attention(_heads_last(q, g), _heads_last(k, g), _heads_last(v, g), self.relative_table(),
-                                     kernel_size=self.ks, stride=s, offset=0, backend=backend)
+                                     kernel_size=self.ks, stride=s, offset=0,
+                                     backend=self.backend if backend is None else backend)
         return _channels_first(out)
 
     def extra_repr(self) -> str:
@@ -168,16 +177,19 @@ class AttentionConv(nn.Module):
     bug_compatible=False (default): one softmax per head of out_channels/groups channels, logits
     summed over the head's channels; any stride. True: the original's per-channel softmax
     (``groups`` has no effect) and stride 1 only.
+
+    Backends: ``"auto"``, ``"native"``, ``"reference"`` (module docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = False, bug_compatible: bool = False):
+                 groups: int = 1, bias: bool = False, bug_compatible: bool = False, *, backend: str = "auto"):
         super().__init__()
         if out_channels % groups or out_channels % 2:
             raise ValueError(f"out_channels={out_channels} must be even and divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.bug_compatible = bug_compatible
+        self.backend = check_backend(backend, what="AttentionConv backend")
         _leader_geometry(self)
         self.rel_h = nn.Parameter(torch.randn(out_channels // 2, 1, 1, kernel_size, 1))
         self.rel_w = nn.Parameter(torch.randn(out_channels // 2, 1, 1, 1, kernel_size))
@@ -203,7 +215,7 @@ class AttentionConv(nn.Module):
         heads = self.out_channels if self.bug_compatible else self.groups
         out = neighborhood_attention(_heads_last(q, heads), _heads_last(k, heads), _heads_last(v, heads),
                                      self.relative_table(), kernel_size=self.kernel_size, stride=s, offset=0,
-                                     backend=backend)
+                                     backend=self.backend if backend is None else backend)
         return _channels_first(out)
 
     def extra_repr(self) -> str:
@@ -222,16 +234,19 @@ class AttentionStem(nn.Module):
     channels. Logits are q.k only (no relative term).
 
     bug_compatible as :class:`AttentionConv`: True = per-channel softmax, stride 1 only.
+    Backends: ``"auto"``, ``"native"``, ``"reference"`` (module docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, m: int = 4, bias: bool = False, bug_compatible: bool = False):
+                 groups: int = 1, m: int = 4, bias: bool = False, bug_compatible: bool = False, *,
+                 backend: str = "auto"):
         super().__init__()
         if out_channels % groups:
             raise ValueError(f"out_channels={out_channels} must be divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups, self.m = kernel_size, stride, padding, groups, m
         self.bug_compatible = bug_compatible
+        self.backend = check_backend(backend, what="AttentionStem backend")
         _leader_geometry(self)
         self.emb_a = nn.Parameter(torch.randn(out_channels // groups, kernel_size))
         self.emb_b = nn.Parameter(torch.randn(out_channels // groups, kernel_size))
@@ -256,7 +271,7 @@ class AttentionStem(nn.Module):
         k = _heads_last(self.key_conv(xp), heads)
         v = torch.stack([_heads_last(conv(xp), heads) for conv in self.value_conv], dim=4)  # (B, G, H, W, m, d)
         out = neighborhood_attention(q, k, v, None, self.mixture(), kernel_size=self.kernel_size, stride=s,
-                                     offset=0, backend=backend)
+                                     offset=0, backend=self.backend if backend is None else backend)
         return _channels_first(out)
 
     def extra_repr(self) -> str:
@@ -290,10 +305,11 @@ class SASAttention2d(nn.Module):
     logit = q . (k + r), no temperature, softmax over the window, weighted sum of the values.
 
     Parameters: 3 * in * out (+ bias) + out * k. Shapes: (B, in, H, W) -> (B, out, ceil(H/s), ceil(W/s)).
+    Backends: ``"auto"``, ``"native"``, ``"reference"`` (module docstring).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, stride: int = 1, heads: int = 8,
-                 padding_mode: str = "mask", bias: bool = False):
+                 padding_mode: str = "mask", bias: bool = False, *, backend: str = "auto"):
         super().__init__()
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"out_channels={out_channels} must split into heads={heads} of even width")
@@ -303,6 +319,7 @@ class SASAttention2d(nn.Module):
             raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.heads, self.padding_mode = stride, heads, _PADDING_MODES[padding_mode]
+        self.backend = check_backend(backend, what="SASAttention2d backend")
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
@@ -329,7 +346,8 @@ class SASAttention2d(nn.Module):
             offset = -p  # windows reach outside the image; the op masks those slots
         n = self.heads
         out = neighborhood_attention(_heads_last(q, n), _heads_last(key, n), _heads_last(v, n), self.relative_table(),
-                                     kernel_size=k, stride=1, offset=offset, backend=backend)
+                                     kernel_size=k, stride=1, offset=offset,
+                                     backend=self.backend if backend is None else backend)
         out = _channels_first(out)
         return self.pool(out) if self.pool is not None else out
 
@@ -348,7 +366,8 @@ class SASAttentionStem(nn.Module):
     by all heads. The number of mixtures is not stated in the paper (spec §2); 4 as the public code.
 
     Shapes: (B, in, H, W) -> (B, out, H, W). H, W not divisible by ``block`` are zero-padded to
-    whole tiles and padded pixels are masked out of the softmax.
+    whole tiles and padded pixels are masked out of the softmax. One implementation (dense attention
+    within each tile), so no ``backend``.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, block: int = 4, heads: int = 4,

@@ -40,7 +40,8 @@ class RGABackbone(ResNet):
         use_spatial, use_channel: which branches the modules have (RGA-SC: both).
         cha_ratio, spa_ratio, down_ratio: :class:`RGA_Module` ratios (the original uses 8, 8, 8).
         width_div: channel-width divisor of the ResNet (1 = ResNet-50; >1 only for small test models).
-        low_rank: fast low-rank relation convolutions (default) or the direct original form.
+        backend: of every :class:`RGA_Module`: ``"auto"`` (default, fast low-rank relation convolutions)
+            or ``"reference"`` (the direct original form).
         layers: Bottleneck blocks per stage ((3, 4, 6, 3) = ResNet-50; fewer only for small models
             such as ``rga_sc_mini``).
 
@@ -49,7 +50,7 @@ class RGABackbone(ResNet):
 
     def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
-                 low_rank: bool = True, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
+                 backend: str = "auto", layers: Sequence[int] = (3, 4, 6, 3)) -> None:
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             # The original sizes the modules with (h // s) * (w // s) per stage; only multiples
             # of 16 make that equal to the real feature-map sizes.
@@ -64,7 +65,7 @@ class RGABackbone(ResNet):
             positions = (height // stride) * (width // stride)
             self.add_module(f"rga_att{stage}", RGA_Module(
                 channels, positions, use_spatial=use_spatial, use_channel=use_channel,
-                cha_ratio=cha_ratio, spa_ratio=spa_ratio, down_ratio=down_ratio, low_rank=low_rank))
+                cha_ratio=cha_ratio, spa_ratio=spa_ratio, down_ratio=down_ratio, backend=backend))
 
     def after_stage(self, stage: int, x: Tensor) -> Tensor:
         return getattr(self, f"rga_att{stage}")(x)
@@ -86,7 +87,7 @@ class RGAResNet50(nn.Module):
         test_feature: what eval mode returns: ``'feat_'`` (pooled, before the BN-neck; default,
             the better of the two in users' logs) or ``'feat'`` (after the BN-neck).
         dropout: dropout on ``feat`` before the classifier (training only; the shipped script uses 0).
-        cha_ratio, spa_ratio, down_ratio, width_div, low_rank, layers: see :class:`RGABackbone`.
+        cha_ratio, spa_ratio, down_ratio, width_div, backend, layers: see :class:`RGABackbone`.
         pretrained_backbone: False; True for torchvision's ImageNet ResNet-50 (2017,
             ``resnet50-19c8e357.pth``); or a weights source (path, URL, ``hf://``) of a torchvision
             ResNet-50 state dict, old (no ``num_batches_tracked``) or new. The RGA modules and
@@ -101,7 +102,7 @@ class RGAResNet50(nn.Module):
     def __init__(self, num_classes: int = 767, height: int = 256, width: int = 128, use_spatial: bool = True,
                  use_channel: bool = True, test_feature: str = "feat_", dropout: float = 0.0,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
-                 low_rank: bool = True, pretrained_backbone: Union[bool, str] = False,
+                 backend: str = "auto", pretrained_backbone: Union[bool, str] = False,
                  legacy_init: bool = False, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -112,7 +113,7 @@ class RGAResNet50(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.test_feature = test_feature
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                    width_div, low_rank, layers)
+                                    width_div, backend, layers)
         num_feat = self.backbone.out_channels
         self.feat_bn = nn.BatchNorm1d(num_feat)
         nn.init.ones_(self.feat_bn.weight)

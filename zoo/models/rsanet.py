@@ -46,7 +46,8 @@ class RSANet(nn.Module):
         rsa_positions: per stage, the block indices whose 3x3 conv is RSA.
         nh, kernel_size, kernel_type, feat_type: of every RSA layer (dk = dv = dd = planes / nh).
         stochastic_depth: p of the ResNet's linear stochastic-depth rule (0.2 released; training only).
-        rsa_impl: 'chunked' (memory-efficient, default) or 'reference' RSA formulation.
+        backend: of every RSA layer: ``"auto"`` (default, the chunked memory-efficient formulation) or
+            ``"reference"`` (the original's).
         pretrained_backbone: True loads torchvision's ImageNet ResNet-50 into the stem and the
             non-RSA blocks (2D kernels get a temporal axis of size 1) as the original's training
             did; a string is another source of such a state dict. RSA blocks stay random.
@@ -59,7 +60,7 @@ class RSANet(nn.Module):
                  layers: Sequence[int] = (3, 4, 6, 3), width_div: int = 1,
                  rsa_positions: Sequence[Sequence[int]] = RSA_POSITIONS, nh: int = 8,
                  kernel_size: Sequence[int] = (5, 7, 7), kernel_type: str = "VplusR", feat_type: str = "VplusR",
-                 stochastic_depth: float = 0.2, rsa_impl: str = "chunked",
+                 stochastic_depth: float = 0.2, backend: str = "auto",
                  pretrained_backbone: Union[bool, str] = False) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -80,7 +81,7 @@ class RSANet(nn.Module):
             if block not in self.rsa_positions[stage - 1]:
                 return None
             return RSA(width, width, nh=nh, dk=0, dv=0, dd=0, kernel_size=kernel_size, stride=(1, stride, stride),
-                       kernel_type=kernel_type, feat_type=feat_type, impl=rsa_impl)
+                       kernel_type=kernel_type, feat_type=feat_type, backend=backend)
 
         # The original zero-initialises every bn3 and inits all convs (RSA's too) kaiming fan_out:
         # exactly the shared ResNet's init with zero_init_residual.

@@ -25,18 +25,17 @@ Two implementations of one definition:
 * the native op ``torch.ops.relzoo.neighborhood_attn`` (+ ``_backward``) (``ops/neighborhood_attn/``,
   C++/OpenMP and CUDA), which keeps only the ``(B, G, Hq, Wq, K)`` probabilities for backward.
 
-:func:`neighborhood_attention` chooses between them through :mod:`zoo.ops`
-(``RELZOO_OPS=reference`` forces the reference).
+:func:`neighborhood_attention` chooses between them with the ``backend`` switch
+(:mod:`zoo.ops.backend`).
 """
 from __future__ import annotations
-
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from zoo import ops
-from zoo.errors import OpsError
+from zoo.ops.build import on_load, use_native
+
+__all__ = ["neighborhood_attention", "neighborhood_attention_reference", "OP_NAME"]
 
 OP_NAME = "neighborhood_attn"
 _FWD = "relzoo::neighborhood_attn"
@@ -142,7 +141,7 @@ def neighborhood_attention_reference(q, k, v, rel=None, mix=None, *, kernel_size
 # native op: autograd + fake registration on the C++ schema
 # ----------------------------------------------------------------------------------------------
 
-@ops.on_load(OP_NAME)
+@on_load(OP_NAME)
 def _register_native() -> None:
     """Fake (meta) kernels for torch.compile and autograd for the C++-defined ops; run once on load."""
 
@@ -172,36 +171,22 @@ def _register_native() -> None:
     torch.library.register_autograd(_FWD, backward, setup_context=setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _use_native(device_type: str) -> bool:
-    # torch.compile evaluates this once while tracing (it may build the op) and bakes in the answer
-    return ops.native_available(OP_NAME, device_type)
-
-
 def neighborhood_attention(q, k, v, rel=None, mix=None, *, kernel_size, stride=1, offset=0,
-                           backend: Optional[str] = None) -> torch.Tensor:
-    """Neighbourhood attention (module docstring), native kernel when available, else the reference.
+                           backend: str = "auto") -> torch.Tensor:
+    """Neighbourhood attention (module docstring for shapes and semantics).
 
-    ``backend``: None (native when :mod:`zoo.ops` provides it for the device, per ``RELZOO_OPS``),
-    ``"native"`` (an :class:`~zoo.errors.OpsError` when it cannot be built) or ``"reference"``.
+    ``backend`` (:mod:`zoo.ops.backend`): ``"auto"`` the native kernel when it builds and has one for
+    the device (per ``RELZOO_OPS``), else the reference; ``"native"`` the kernel or an
+    :class:`~zoo.errors.OpsError`; ``"reference"`` :func:`neighborhood_attention_reference`.
     The native kernels compute in float32/float64; half and bfloat16 inputs run in float32 and are
     cast back. The native op has no double backward.
     """
     kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
     _check(q, k, v, rel, mix, kernel, stride)
-    if backend not in (None, "native", "reference"):
-        raise ValueError(f"backend must be None, 'native' or 'reference', got {backend!r}")
-    if backend == "native":
-        ops.load(OP_NAME)
-        if not ops.native_available(OP_NAME, q.device):
-            raise OpsError(f"native op '{OP_NAME}' has no kernel for device {q.device} (CPU-only build?)")
-    elif backend == "reference" or not _use_native(q.device.type):
+    if not use_native(OP_NAME, backend, q.device.type):
         return neighborhood_attention_reference(q, k, v, rel, mix, kernel_size=kernel, stride=stride, offset=offset)
     dtype = q.dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     args = [t.to(compute).contiguous() if t is not None else None for t in (q, k, v, rel, mix)]
     out, _ = torch.ops.relzoo.neighborhood_attn(*args, list(kernel), list(stride), list(offset))
     return out.to(dtype)
-
-
-__all__: Sequence[str] = ["neighborhood_attention", "neighborhood_attention_reference", "OP_NAME"]

@@ -1,4 +1,4 @@
-"""Native kernels: compiled on first use, cached, safe under concurrency; pure-torch fallbacks.
+"""The build machinery of native ops: compile on first use, under a lock, into a cache; load.
 
 Kernel sources live in ``ops/<name>/`` (``*.cpp`` always, ``*.cu`` when CUDA is
 wanted). :func:`load` compiles them with ``torch.utils.cpp_extension`` and ninja
@@ -7,68 +7,28 @@ the sources, flags, torch and CUDA versions and the Python ABI, so a change to
 any of them builds a new folder and a cached load (the common case) only
 checks a manifest and ``dlopen``s the library, in well under a second.
 
-The extensions dir is ``$RELZOO_EXTENSIONS_DIR``, else ``$RELZOO_HOME/extensions``
-(``~/.cache/relzoo/extensions``).
-
-Environment:
-
-``RELZOO_OPS=auto`` (default)
-    use a native kernel when it builds; otherwise warn ONCE per op and use the
-    pure-torch reference.
-``RELZOO_OPS=native``
-    a native kernel that cannot be built or loaded raises :class:`zoo.errors.OpsError`.
-``RELZOO_OPS=reference``
-    never compile; always the pure-torch reference.
-``RELZOO_OPS_CUDA=1|0``
-    force the CUDA sources in (compiles without a GPU; needs nvcc) or out. By
-    default they are built when torch has CUDA and a GPU is visible.
-``RELZOO_OPS_LOCK_TIMEOUT`` / ``RELZOO_OPS_BUILD_TIMEOUT``
-    seconds to wait for another process's build / for our own compiler run
-    (default 1800 each).
-``RELZOO_OPS_VERBOSE=1``
-    show the compiler's output of successful builds too.
+The extensions dir is :func:`zoo.paths.extensions_dir` (``$RELZOO_EXTENSIONS_DIR``, else
+``$RELZOO_HOME/extensions``). ``RELZOO_OPS`` (:func:`zoo.ops.backend.mode`) decides whether a
+failed build is an error (``native``), a warning and the pure-torch path (``auto``), or whether
+nothing is compiled at all (``reference``). ``RELZOO_OPS_CUDA``, ``RELZOO_OPS_LOCK_TIMEOUT``,
+``RELZOO_OPS_BUILD_TIMEOUT`` and ``RELZOO_OPS_VERBOSE`` are described in :data:`zoo.paths.ENVIRONMENT`.
 
 How a build stays safe:
 
-* Builds of one ``<name>-<hash>`` are serialised by an ``fcntl.flock`` on
+* Builds of one ``<name>-<hash>`` are serialised by :func:`zoo._fs.file_lock` on
   ``<name>-<hash>.lock``. The kernel drops the lock when its holder dies, so a
   crashed build never blocks later loads; a waiter gives up after the timeout
   with a message naming the holder.
 * The compiler runs in a child process inside a private folder
   ``<name>-<hash>.tmp-<pid>``; on success a manifest (size + sha256 of the
-  library) is written and the folder is renamed into place atomically. Readers
-  therefore see either nothing or a complete build, torch's own ``lock`` file
-  never lands in the cache (torch 2.13 hangs on a stale one), and a timed-out
-  compiler can be killed. A folder without a valid manifest, or whose library
-  fails to load, is moved aside and rebuilt.
+  library) is written and the folder is renamed into place (:func:`zoo._fs.replace_dir`,
+  under the lock). Readers therefore see either nothing or a complete
+  build, torch's own ``lock`` file never lands in the cache (torch 2.13 hangs on a
+  stale one), and a timed-out compiler can be killed. A folder without a valid
+  manifest, or whose library fails to load, is rebuilt.
 
-Adding a kernel (e.g. a neighbourhood-attention op for SASA)::
-
-    // ops/sasa_attend/sasa_attend.cpp  -- header-light: ATen + torch/library.h
-    #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-    #include <ATen/core/Tensor.h>
-    #include <torch/library.h>
-    TORCH_LIBRARY_FRAGMENT(relzoo, m) {          // FRAGMENT: the namespace is shared
-      m.def("sasa_attend(Tensor q, Tensor k, int kernel_size) -> Tensor");
-    }
-    TORCH_LIBRARY_IMPL(relzoo, CPU, m) { m.impl("sasa_attend", &sasa_attend_cpu); }
-    // ops/sasa_attend/sasa_attend_cuda.cu: TORCH_LIBRARY_IMPL(relzoo, CUDA, m) {...}
-
-    # zoo/layers/sasa.py
-    import torch
-    from zoo import ops
-
-    @ops.on_load("sasa_attend")              # runs once, right after the library is loaded
-    def _register():
-        torch.library.register_fake("relzoo::sasa_attend")(lambda q, k, ks: q.new_empty(...))
-        torch.library.register_autograd("relzoo::sasa_attend", _backward, setup_context=_setup)
-
-    def sasa_attend(q, k, kernel_size):
-        if ops.native_available("sasa_attend", q.device):   # honours RELZOO_OPS
-            return torch.ops.relzoo.sasa_attend(q, k, kernel_size)
-        return sasa_attend_reference(q, k, kernel_size)      # pure torch, the definition
-
-Tests hold the native and reference paths equal; see :func:`rpe_index` below.
+An op module (:mod:`zoo.ops.rpe_index`, :mod:`zoo.ops.neighborhood_attn`) registers its fake
+kernels and autograd with :func:`on_load` and asks :func:`use_native` on every call.
 """
 from __future__ import annotations
 
@@ -91,59 +51,27 @@ from typing import Callable
 
 import torch
 
+from zoo._fs import file_lock, first_line, replace_dir, sha256_file
 from zoo.errors import OpsError
-from zoo.paths import ops_dir, relzoo_home
+from zoo.ops.backend import mode, resolve
+from zoo.paths import env, env_flag, env_seconds, extensions_dir, ops_dir
 
-__all__ = [
-    "OpsError", "mode", "extensions_dir", "build", "load", "get_op", "native_available", "on_load",
-    "cuda_toolkit_home", "rpe_index", "rpe_index_reference",
-]
+__all__ = ["MANIFEST", "build", "load", "get_op", "native_available", "use_native", "on_load", "cuda_toolkit_home"]
 
 NAMESPACE = "relzoo"                  # torch.ops.relzoo.<op>
 MANIFEST = "relzoo-build.json"        # written last, before the atomic rename
 _CACHE_FORMAT = 1                     # bump when the cache layout or the build recipe changes
-_MODES = ("auto", "native", "reference")
 _DEFAULT_ARCH_LIST = "8.0;9.0"        # CUDA targets when no GPU is visible to ask
 _ESTIMATE_SECONDS = {False: 20, True: 180}  # first-build estimate (CPU / CUDA) when no earlier build is known
-
-
-# ----------------------------------------------------------------------------- modes and places
-
-def mode() -> str:
-    """``RELZOO_OPS`` (``auto`` when unset): ``auto``, ``native`` or ``reference``."""
-    value = os.environ.get("RELZOO_OPS", "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"RELZOO_OPS={value!r} is not one of {', '.join(_MODES)}")
-    return value
-
-
-def extensions_dir() -> Path:
-    """Where builds are cached: ``$RELZOO_EXTENSIONS_DIR``, else ``relzoo_home()/extensions``."""
-    if os.environ.get("RELZOO_EXTENSIONS_DIR"):
-        return Path(os.environ["RELZOO_EXTENSIONS_DIR"]).expanduser()
-    return relzoo_home() / "extensions"
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
 
 
 def _want_cuda(cuda: bool | None) -> bool:
     """The CUDA sources are built when asked, else when torch has CUDA and sees a GPU."""
     if cuda is None:
-        forced = os.environ.get("RELZOO_OPS_CUDA", "").strip().lower()
-        if forced in {"1", "true", "yes", "on"}:
-            cuda = True
-        elif forced in {"0", "false", "no", "off"}:
-            cuda = False
-        else:
-            return torch.version.cuda is not None and torch.cuda.is_available()
+        # unset or "auto" (the documented default spelled out): no preference
+        cuda = None if (env("RELZOO_OPS_CUDA") or "").lower() == "auto" else env_flag("RELZOO_OPS_CUDA")
+    if cuda is None:
+        return torch.version.cuda is not None and torch.cuda.is_available()
     if cuda and torch.version.cuda is None:
         raise OpsError(f"CUDA sources requested but this torch ({torch.__version__}) is built without CUDA")
     return bool(cuda)
@@ -286,75 +214,6 @@ def _recipe(name: str, cuda: bool | None, source_dir: Path | None) -> _Recipe:
     return recipe
 
 
-# ----------------------------------------------------------------------------- inter-process lock
-
-class _BuildLock:
-    """Exclusive ``fcntl.flock`` on a lock file, with a timeout.
-
-    The holder writes its pid, host and start time into the file for messages.
-    A lock file left behind by a crashed process is harmless: the kernel released
-    its flock when the process died, so the next process acquires it at once.
-    """
-
-    def __init__(self, path: Path, timeout: float, what: str):
-        self.path, self.timeout, self.what = path, timeout, what
-        self.fd: int | None = None
-
-    def __enter__(self) -> "_BuildLock":
-        try:
-            import fcntl
-        except ImportError:
-            raise OpsError("native ops are built under an fcntl lock, which this platform lacks (POSIX only)") from None
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + self.timeout
-        told = False
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = self._holder()
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise OpsError(
-                        f"timed out after {self.timeout:.0f} s waiting for another process ({holder}) "
-                        f"to finish building {self.what} (lock {self.path}); raise RELZOO_OPS_LOCK_TIMEOUT "
-                        f"or stop that process") from None
-                if not told:
-                    print(f"RelZoo: waiting for another process ({holder}) that is building {self.what}...",
-                          file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(0.2)
-            except OSError as exc:  # e.g. ENOLCK on a network filesystem without locking
-                os.close(self.fd)
-                self.fd = None
-                raise OpsError(f"cannot lock {self.path} ({exc}); put the extensions cache on a local disk "
-                               f"with RELZOO_EXTENSIONS_DIR") from exc
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
-                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        return self
-
-    def _holder(self) -> str:
-        try:
-            info = json.loads(Path(self.path).read_text() or "{}")
-            return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError):
-            return "unknown holder"
-
-    def __exit__(self, *exc_info) -> None:
-        import fcntl
-
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 # ----------------------------------------------------------------------------- build and cache
 
 # Runs in a child process: it compiles (and, as a check, loads) the library in
@@ -371,36 +230,16 @@ load(name=job["module"], sources=job["sources"], extra_cflags=job["cflags"],
 """
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cached_library(folder: Path) -> Path | None:
     """The library of a complete build in ``folder`` (manifest present, size and sha256 match), else None."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         library = folder / manifest["library"]
-        if library.stat().st_size == manifest["size"] and _sha256(library) == manifest["sha256"]:
+        if library.stat().st_size == manifest["size"] and sha256_file(library) == manifest["sha256"]:
             return library
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
-
-
-def _discard(path: Path) -> None:
-    """Move a folder aside (atomic) and delete it; never fails."""
-    if not path.exists():
-        return
-    trash = path.with_name(f"{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _ninja_path_env(env: dict[str, str]) -> None:
@@ -435,12 +274,12 @@ def _estimate(recipe: _Recipe, root: Path) -> str:
 
 
 def _compile(recipe: _Recipe, root: Path) -> Path:
-    """Compile into a private folder, write the manifest, rename into place. Caller holds the lock."""
+    """Compile into a private folder, write the manifest, move it into place. Caller holds the lock."""
     final = root / recipe.folder
     tmp = root / f"{recipe.folder}.tmp-{os.getpid()}"
-    _discard(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    verbose = os.environ.get("RELZOO_OPS_VERBOSE", "") not in {"", "0"}
+    verbose = env_flag("RELZOO_OPS_VERBOSE") is True
     kind = "CPU + CUDA" if recipe.cuda else "CPU"
     print(f"RelZoo: compiling native op '{recipe.name}' ({kind}) for first use, {_estimate(recipe, root)}; "
           f"cached in {final}", file=sys.stderr, flush=True)
@@ -450,7 +289,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
            "build_dir": str(tmp), "cuda": recipe.cuda, "verbose": verbose}
     env = {**os.environ, **recipe.env}
     _ninja_path_env(env)
-    timeout = _env_float("RELZOO_OPS_BUILD_TIMEOUT", 1800.0)
+    timeout = env_seconds("RELZOO_OPS_BUILD_TIMEOUT", 1800.0)
     started = time.monotonic()
     # Own process group, so a timeout or Ctrl-C stops ninja and the compilers too.
     proc = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(job)], env=env,
@@ -461,7 +300,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     except BaseException as exc:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        _discard(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, subprocess.TimeoutExpired):
             raise OpsError(f"building native op '{recipe.name}' took longer than {timeout:g} s and was stopped "
                            f"(RELZOO_OPS_BUILD_TIMEOUT)") from None
@@ -470,7 +309,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     output = output.strip()
     library = tmp / f"{recipe.module}.so"
     if proc.returncode != 0 or not library.exists():
-        _discard(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tail = output[-12000:] if output else "(no output)"
         # gcc/clang "file:12:3: error: ...", nvcc "file(12): error: ..."; else the last line (e.g. ninja's)
         first_error = next((line.strip() for line in output.splitlines()
@@ -488,7 +327,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
 
     (tmp / "lock").unlink(missing_ok=True)  # torch's lock file: no business in the cache
     manifest = {
-        "op": recipe.name, "library": library.name, "size": library.stat().st_size, "sha256": _sha256(library),
+        "op": recipe.name, "library": library.name, "size": library.stat().st_size, "sha256": sha256_file(library),
         "key": recipe.key, "cuda": recipe.cuda, "build_seconds": round(seconds, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "python": sys.implementation.cache_tag,
@@ -496,8 +335,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
         "env": recipe.env,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _discard(final)  # an invalid leftover (the caller checked it under the lock)
-    os.rename(tmp, final)
+    replace_dir(tmp, final)  # replaces an invalid leftover (the caller checked it under the lock)
     return final / library.name
 
 
@@ -522,20 +360,19 @@ def build(name: str, cuda: bool | None = None, *, source_dir: str | Path | None 
     return _build_locked(recipe, root)
 
 
-def _build_locked(recipe: _Recipe, root: Path, discard_existing: bool = False) -> Path:
+def _build_locked(recipe: _Recipe, root: Path, rebuild: bool = False) -> Path:
+    """Build under the lock, unless another process finished a valid build while we waited
+    (``rebuild``: compile anyway, the cached library does not load)."""
     root.mkdir(parents=True, exist_ok=True)
-    timeout = _env_float("RELZOO_OPS_LOCK_TIMEOUT", 1800.0)
-    with _BuildLock(root / f"{recipe.folder}.lock", timeout, f"native op '{recipe.name}'"):
-        final = root / recipe.folder
-        if discard_existing:
-            _discard(final)
-        library = _cached_library(final)
-        if library is not None:  # another process finished it while we waited
+    with file_lock(root / f"{recipe.folder}.lock", timeout=env_seconds("RELZOO_OPS_LOCK_TIMEOUT", 1800.0),
+                   what=f"building native op '{recipe.name}'", error=OpsError,
+                   timeout_hint="raise RELZOO_OPS_LOCK_TIMEOUT or stop that process"):
+        library = None if rebuild else _cached_library(root / recipe.folder)
+        if library is not None:
             return library
-        # We hold the lock, so private folders of this build are leftovers of crashed builders.
-        for leftover in root.glob(f"{recipe.folder}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in root.glob(f"{recipe.folder}.old-*"):
+        # We hold the lock, so private folders of this build are leftovers of crashed builders
+        # (``.<folder>.old-*``: the old folder replace_dir moved aside).
+        for leftover in [*root.glob(f"{recipe.folder}.tmp-*"), *root.glob(f".{recipe.folder}.old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
         return _compile(recipe, root)
 
@@ -590,7 +427,7 @@ def load(name: str, cuda: bool | None = None, *, source_dir: str | Path | None =
         except OSError as exc:
             # A library that passes the manifest check but does not load was built
             # against something that changed underneath it: rebuild once.
-            library = _build_locked(recipe, root, discard_existing=True)
+            library = _build_locked(recipe, root, rebuild=True)
             try:
                 torch.ops.load_library(str(library))
             except OSError as exc2:
@@ -632,9 +469,8 @@ def get_op(name: str):
             if current == "native":
                 raise
             _FAILED[name] = str(exc)
-            first_line = str(exc).splitlines()[0]
             warnings.warn(f"RelZoo: native op '{name}' unavailable, using the slower pure-torch reference "
-                          f"({first_line}). Set RELZOO_OPS=native to make this an error, RELZOO_OPS=reference "
+                          f"({first_line(exc)}). Set RELZOO_OPS=native to make this an error, RELZOO_OPS=reference "
                           f"to skip native ops.", RuntimeWarning, stacklevel=2)
             return None
     return getattr(torch.ops, NAMESPACE)
@@ -645,112 +481,30 @@ def native_available(name: str, device: torch.device | str) -> bool:
     and ``torch.ops.relzoo.<name>`` has a kernel for ``device``'s type (a CPU-only
     build has none for CUDA). By convention a library's main op is named like its folder.
 
-    Inside ``torch.compile`` wrap the call in a function decorated with
-    ``torch.compiler.assume_constant_result`` (see ``_use_native_rpe_index``) so the
-    loader runs once at trace time instead of being traced."""
+    Ops call :func:`use_native`, which also honours their ``backend`` argument and works
+    under ``torch.compile``."""
     if get_op(name) is None:
         return False
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _KERNELS.get(name, {}).get(device_type, False)
 
 
-# ----------------------------------------------------------------------------- iRPE rpe_index
-
-_RPE_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_rpe_index_args(x: torch.Tensor, index: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor):
-        raise TypeError(f"rpe_index expects tensors, got {type(x).__name__} and {type(index).__name__}")
-    if x.dtype not in _RPE_FLOAT_DTYPES:
-        raise TypeError(f"rpe_index: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"rpe_index: index must be int32 or int64 bucket ids, got {index.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"rpe_index: x must have shape (..., Lq, num_buckets), got {tuple(x.shape)}")
-    if index.dim() != 2:
-        raise ValueError(f"rpe_index: index must have shape (Lq, Lk), got {tuple(index.shape)}")
-    if x.shape[-2] != index.shape[0]:
-        raise ValueError(f"rpe_index: x has Lq = {x.shape[-2]} rows (shape {tuple(x.shape)}) but index has "
-                         f"{index.shape[0]} (shape {tuple(index.shape)})")
-    if x.device != index.device:
-        raise ValueError(f"rpe_index: x is on {x.device} but index is on {index.device}")
-
-
-def rpe_index_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Pure-torch definition: ``out[..., i, j] = x[..., i, index[i, j]]``.
-
-    Args:
-        x: (..., Lq, num_buckets) float, e.g. (B, H, Lq, nb) = q @ lookup table.
-        index: (Lq, Lk) int32/int64 bucket ids in [0, num_buckets).
-    Returns:
-        (..., Lq, Lk), same dtype as ``x``.
-
-    A ``gather`` along the last axis with the index broadcast over the leading
-    axes: the same values as the original's flat gather with ``index[i, j] + i * nb``
-    (spec irpe §6), but an out-of-range id is an error instead of a silent read
-    from the next row. Its backward (scatter_add) adds in increasing j.
-    """
-    _check_rpe_index_args(x, index)
-    return x.gather(-1, index.to(torch.int64).expand(*x.shape[:-2], *index.shape))
-
-
-def rpe_index(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = x[..., i, index[i, j]]``, the gather of iRPE's contextual q/k terms.
-
-    Args:
-        x: (..., Lq, num_buckets) float64/float32/bfloat16/float16, typically (B, H, Lq, nb).
-        index: (Lq, Lk) int32 or int64 bucket ids in [0, num_buckets), same device.
-    Returns:
-        (..., Lq, Lk) with ``x``'s dtype; differentiable in ``x``.
-
-    Uses the native kernel ``torch.ops.relzoo.rpe_index`` (built on first use) when
-    ``RELZOO_OPS`` allows and it exists for ``x``'s device, else
-    :func:`rpe_index_reference`. Both give identical values; in float32/float64 the
-    gradients are identical too. Works under ``torch.compile`` and ``gradcheck``.
-    """
-    _check_rpe_index_args(x, index)
-    if _use_native_rpe_index(x.device.type):
-        return torch.ops.relzoo.rpe_index(x, index)
-    return rpe_index_reference(x, index)
-
-
+# torch.compile runs this once while tracing (it may build and load the op) and bakes the
+# answer into the graph instead of tracing the loader.
 @torch.compiler.assume_constant_result
-def _use_native_rpe_index(device_type: str) -> bool:
-    # torch.compile runs this once while tracing (it may build and load the op)
-    # and bakes the answer into the graph instead of tracing the loader.
-    return native_available("rpe_index", device_type)
+def use_native(name: str, backend: str, device_type: str) -> bool:
+    """Whether op ``name`` runs its native kernel on ``device_type`` for ``backend`` (:mod:`zoo.ops.backend`).
 
-
-@on_load("rpe_index")
-def _register_rpe_index() -> None:
-    """Fake kernels (shape functions for torch.compile) and autograd for the native op."""
-    lib = f"{NAMESPACE}::"
-
-    @torch.library.register_fake(lib + "rpe_index")
-    def _(x, index):
-        return x.new_empty((*x.shape[:-1], index.shape[1]))
-
-    @torch.library.register_fake(lib + "rpe_index_backward")
-    def _(grad_output, index, num_buckets):
-        return grad_output.new_empty((*grad_output.shape[:-1], num_buckets))
-
-    def setup_forward(ctx, inputs, output):
-        x, index = inputs
-        ctx.save_for_backward(index)
-        ctx.num_buckets = x.shape[-1]
-
-    def backward_forward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return torch.ops.relzoo.rpe_index_backward(grad, index, ctx.num_buckets), None
-
-    def setup_backward(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def backward_backward(ctx, grad):
-        # the backward is linear in grad_output; its adjoint is the forward gather
-        (index,) = ctx.saved_tensors
-        return torch.ops.relzoo.rpe_index(grad, index), None, None
-
-    torch.library.register_autograd(lib + "rpe_index", backward_forward, setup_context=setup_forward)
-    torch.library.register_autograd(lib + "rpe_index_backward", backward_backward, setup_context=setup_backward)
+    ``"reference"`` -> False, nothing compiled; ``"auto"`` -> :func:`native_available` (per
+    ``RELZOO_OPS``); ``"native"`` -> True, or an :class:`OpsError` saying why not (the build failed,
+    ``RELZOO_OPS=reference`` is set, or the build has no kernel for ``device_type``).
+    """
+    choice = resolve(backend, what=f"native op '{name}': backend")
+    if choice == "reference":
+        return False
+    if choice == "auto":
+        return native_available(name, device_type)
+    load(name)
+    if not _KERNELS[name].get(device_type, False):
+        raise OpsError(f"native op '{name}' has no kernel for device type '{device_type}' (a CPU-only build?)")
+    return True
