@@ -1,8 +1,9 @@
 """The package's structure, as README's Architecture section states it: imports flow one way.
 
-Read from the source with ``ast`` (nothing is imported): the graph of zoo-internal imports made
-at module level has no cycle, and zoo modules import each other only at the top of a file, with
-two documented exceptions (the registry's scan of ``zoo.models``, and the CLI's command handlers,
+Read from the source with ``ast`` (nothing is imported): every zoo-internal import made at module
+level goes to a lower floor of README's floors table (or stays inside its own package), so the
+graph has no cycle; and zoo modules import each other only at the top of a file, with two
+documented exceptions (the registry's scan of ``zoo.models``, and the CLI's command handlers,
 which import the heavy modules only after the arguments are parsed). Every ``RELZOO_*`` variable
 is read through ``zoo.paths``.
 """
@@ -55,6 +56,43 @@ def _function_level_imports(tree: ast.Module):
             for node in ast.walk(func):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     yield func.name, node
+
+
+def _floors() -> dict[str, int]:
+    """README's floors table: top-level module or package name -> floor number."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- floors:begin -->", 1)[1].split("<!-- floors:end -->", 1)[0]
+    floors = {}
+    for row in table.strip().splitlines()[2:]:
+        floor, modules = row.strip("|").split("|")[:2]
+        for name in re.findall(r"`([\w.]+)`", modules):
+            floors[name] = int(floor)
+    return floors
+
+
+def _unit(module: str) -> str:
+    """``zoo.models.detr`` -> ``models``; ``zoo.factory`` -> ``factory``."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_every_import_goes_down_the_floors_of_readme():
+    floors = _floors()
+    modules = _modules()
+    known = set(modules)
+    unplaced = sorted({_unit(name) for name in known if name != "zoo"} - set(floors))
+    assert not unplaced, f"modules missing from README's floors table: {unplaced}"
+    upward = []
+    for name, tree in modules.items():
+        if name == "zoo":
+            continue
+        for node in tree.body:
+            for target in _targets(node, name, known):
+                if target == "zoo" or _unit(target) == _unit(name):
+                    continue
+                if floors[_unit(target)] >= floors[_unit(name)]:
+                    upward.append(f"{name} (floor {floors[_unit(name)]}) imports {target} "
+                                  f"(floor {floors[_unit(target)]})")
+    assert not upward, "imports that do not go down README's floors:\n" + "\n".join(upward)
 
 
 def test_zoo_imports_have_no_cycle():

@@ -18,7 +18,8 @@ class UnknownModelError(ZooError, KeyError):
 
 
 class ConfigError(ZooError, ValueError):
-    """A malformed ``configs/*.yaml`` or ``convert/*.yaml`` file; the message names file and field."""
+    """A malformed ``configs/*.yaml`` or ``convert/*.yaml`` file (the message names file and field), or a
+    bad setting: an environment variable's value, a ``backend`` name."""
 
 
 class WeightsError(ZooError):

@@ -42,8 +42,9 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
            "(`HF_HUB_OFFLINE=1` does the same)"),
     EnvVar("RELZOO_LOCK_TIMEOUT", "1800", "seconds to wait for another process fetching or converting the same file"),
     EnvVar("RELZOO_NO_PROGRESS", "unset", "`1`: no progress bars (they are only shown on a terminal anyway)"),
-    EnvVar("RELZOO_OPS", "auto", "native ops: `auto` (native when it builds, else the pure-torch reference "
-           "with one warning), `native` (a failed build is an error), `reference` (never compile)"),
+    EnvVar("RELZOO_OPS", "auto", "what `backend=\"auto\"` means for every layer: `auto` (the fastest path: "
+           "native kernels when they build, else their pure-torch fallback with one warning), `native` (a failed "
+           "build is an error), `reference` (every layer runs its reference formulation; nothing is compiled)"),
     EnvVar("RELZOO_OPS_CUDA", "auto", "`1`/`0`: build the CUDA sources of native ops, or not (default: when "
            "torch has CUDA and sees a GPU)"),
     EnvVar("RELZOO_EXTENSIONS_DIR", "`$RELZOO_HOME/extensions`", "where native op builds are cached"),

@@ -13,7 +13,6 @@ import fnmatch
 import importlib
 import json
 import pkgutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from zoo.config import ModelConfig, all_model_configs
