@@ -105,6 +105,7 @@ Taps<T> taps_of(const TapsArgs& taps, int which, int64_t O, int64_t entries,
     check_dense(*w, q, name);
     for (int t = 0; t < out.n; ++t) out.w[t] = w->const_data_ptr<T>() + t * (O + 1);
   }
+  out.reverse(O);
   return out;
 }
 

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace relzoo {
 namespace relative_attn {
@@ -27,6 +28,25 @@ struct Taps {
   int n = 0;                                   // 0: no term; else 1 or 2 taps per offset
   const int32_t* idx[2] = {nullptr, nullptr};  // (O + 1) entry ids per tap
   const T* w[2] = {nullptr, nullptr};          // (O + 1) weights per tap, or null (weight 1)
+  // the same, offsets reversed (ridx[t][o] = idx[t][O - 1 - o], o < O): along a grid row of keys a
+  // query's offsets decrease, so the query-side loops read these with unit stride
+  const int32_t* ridx[2] = {nullptr, nullptr};
+  const T* rw[2] = {nullptr, nullptr};
+  std::vector<int32_t> ridx_store;
+  std::vector<T> rw_store;
+
+  void reverse(int64_t O) {  // fills ridx/rw from idx/w
+    ridx_store.resize(static_cast<size_t>(n * O));
+    if (w[0]) rw_store.resize(static_cast<size_t>(n * O));
+    for (int t = 0; t < n; ++t) {
+      for (int64_t o = 0; o < O; ++o) {
+        ridx_store[t * O + o] = idx[t][O - 1 - o];
+        if (w[0]) rw_store[t * O + o] = w[t][O - 1 - o];
+      }
+      ridx[t] = ridx_store.data() + t * O;
+      rw[t] = w[0] ? rw_store.data() + t * O : nullptr;
+    }
+  }
 };
 
 template <typename T>

@@ -282,6 +282,9 @@ enum TermOp { kGatherQuery, kGatherKey, kScatterQuery, kScatterKey };
 // entries x[idx]; key-side ops use key j's entries x[j * ldx + idx] at the reversed offset O - 1 - o.
 //   kGatherQuery  s[j] += w x[idx(o)]           kScatterQuery  x[idx(o)] += w s[j]
 //   kGatherKey    s[j] += w x[j, idx(o')]       kScatterKey    x[j, idx(o')] += w s[j]
+// Both sides read their tables with unit stride: O - 1 - o grows by one per key (query side: the
+// reversed table). kScatterQuery spreads consecutive keys over four accumulator rows (x and the three
+// of `spare`, summed by term_row) so that keys in one bucket do not wait on each other's stores.
 template <typename T, int NT, bool WT, int OP>
 struct Segment {
   const Taps<T>* taps;
@@ -289,52 +292,79 @@ struct Segment {
   T* s;
   T* x;
   int64_t ldx;
-
-  RZ_INLINE T weight(int t, int64_t o) const { return WT ? taps->w[t][o] : T(1); }
+  T* spare;  // kScatterQuery: 3 x K zeroed accumulators, or null
 
   RZ_INLINE void operator()(int64_t j0, int64_t n, int64_t o0, int64_t step) const {
-    const int32_t* i0 = taps->idx[0];
-    const int32_t* i1 = NT == 2 ? taps->idx[1] : nullptr;
     T* sp = s + j0;
-    if (OP == kGatherQuery || OP == kScatterQuery) {
-      if (step == 0) {
-        if (OP == kGatherQuery) {
-          T add = weight(0, o0) * x[i0[o0]];
-          if (NT == 2) add += weight(1, o0) * x[i1[o0]];
-          for (int64_t c = 0; c < n; ++c) sp[c] += add;
-        } else {
-          T total = 0;
-          for (int64_t c = 0; c < n; ++c) total += sp[c];
-          x[i0[o0]] += weight(0, o0) * total;
-          if (NT == 2) x[i1[o0]] += weight(1, o0) * total;
-        }
-        return;
-      }
-      for (int64_t c = 0; c < n; ++c) {
-        const int64_t o = o0 - c;
-        if (OP == kGatherQuery) {
-          T add = weight(0, o) * x[i0[o]];
-          if (NT == 2) add += weight(1, o) * x[i1[o]];
-          sp[c] += add;
-        } else {
-          x[i0[o]] += weight(0, o) * sp[c];
-          if (NT == 2) x[i1[o]] += weight(1, o) * sp[c];
+    const bool query_side = OP == kGatherQuery || OP == kScatterQuery;
+    if (step == 0) {  // pairs touching a skip token: one column
+      const int32_t e0 = taps->idx[0][O], e1 = NT == 2 ? taps->idx[1][O] : 0;
+      const T w0 = WT ? taps->w[0][O] : T(1), w1 = WT && NT == 2 ? taps->w[1][O] : T(1);
+      if (OP == kGatherQuery) {
+        const T add = w0 * x[e0] + (NT == 2 ? w1 * x[e1] : T(0));
+        for (int64_t c = 0; c < n; ++c) sp[c] += add;
+      } else if (OP == kScatterQuery) {
+        T total = 0;
+        for (int64_t c = 0; c < n; ++c) total += sp[c];
+        x[e0] += w0 * total;
+        if (NT == 2) x[e1] += w1 * total;
+      } else {
+        T* xj = x + j0 * ldx;
+        for (int64_t c = 0; c < n; ++c, xj += ldx) {
+          if (OP == kGatherKey) {
+            sp[c] += w0 * xj[e0] + (NT == 2 ? w1 * xj[e1] : T(0));
+          } else {
+            xj[e0] += w0 * sp[c];
+            if (NT == 2) xj[e1] += w1 * sp[c];
+          }
         }
       }
       return;
     }
-    const int64_t first = step == 0 ? O : O - 1 - o0;  // offset of (key j0, query i)
-    const int64_t inc = step == 0 ? 0 : 1;
-    T* xj = x + j0 * ldx;
-    for (int64_t c = 0; c < n; ++c, xj += ldx) {
-      const int64_t o = first + inc * c;
-      if (OP == kGatherKey) {
-        T add = weight(0, o) * xj[i0[o]];
-        if (NT == 2) add += weight(1, o) * xj[i1[o]];
-        sp[c] += add;
-      } else {
-        xj[i0[o]] += weight(0, o) * sp[c];
-        if (NT == 2) xj[i1[o]] += weight(1, o) * sp[c];
+    const int64_t r0 = O - 1 - o0;  // first reversed offset; unit stride from here
+    const int32_t* i0 = (query_side ? taps->ridx[0] : taps->idx[0]) + r0;
+    const int32_t* i1 = NT == 2 ? (query_side ? taps->ridx[1] : taps->idx[1]) + r0 : nullptr;
+    const T* w0 = WT ? (query_side ? taps->rw[0] : taps->w[0]) + r0 : nullptr;
+    const T* w1 = WT && NT == 2 ? (query_side ? taps->rw[1] : taps->w[1]) + r0 : nullptr;
+    int64_t c = 0;
+#if RZ_AVX2
+    if constexpr (std::is_same_v<T, float> && (OP == kGatherQuery || OP == kGatherKey)) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i row_step = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(ldx)));
+      const float* base = OP == kGatherKey ? x + j0 * ldx : x;
+      for (; c + 8 <= n; c += 8) {
+        __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i0 + c));
+        if (OP == kGatherKey) e = _mm256_add_epi32(e, _mm256_add_epi32(row_step, _mm256_set1_epi32(static_cast<int32_t>(c * ldx))));
+        __m256 add = _mm256_i32gather_ps(base, e, 4);
+        if (WT) add = _mm256_mul_ps(add, _mm256_loadu_ps(w0 + c));
+        if (NT == 2) {
+          __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i1 + c));
+          if (OP == kGatherKey) f = _mm256_add_epi32(f, _mm256_add_epi32(row_step, _mm256_set1_epi32(static_cast<int32_t>(c * ldx))));
+          __m256 more = _mm256_i32gather_ps(base, f, 4);
+          add = WT ? _mm256_fmadd_ps(more, _mm256_loadu_ps(w1 + c), add) : _mm256_add_ps(add, more);
+        }
+        _mm256_storeu_ps(sp + c, _mm256_add_ps(_mm256_loadu_ps(sp + c), add));
+      }
+    }
+#endif
+    if (OP == kGatherQuery) {
+      for (; c < n; ++c) sp[c] += (WT ? w0[c] : T(1)) * x[i0[c]] + (NT == 2 ? (WT ? w1[c] : T(1)) * x[i1[c]] : T(0));
+    } else if (OP == kScatterQuery) {
+      T* rows[4] = {x, spare ? spare : x, spare ? spare + ldx : x, spare ? spare + 2 * ldx : x};
+      for (; c < n; ++c) {
+        T* g = rows[c & 3];
+        g[i0[c]] += (WT ? w0[c] : T(1)) * sp[c];
+        if (NT == 2) g[i1[c]] += (WT ? w1[c] : T(1)) * sp[c];
+      }
+    } else {
+      T* xj = x + (j0 + c) * ldx;
+      for (; c < n; ++c, xj += ldx) {
+        if (OP == kGatherKey) {
+          sp[c] += (WT ? w0[c] : T(1)) * xj[i0[c]] + (NT == 2 ? (WT ? w1[c] : T(1)) * xj[i1[c]] : T(0));
+        } else {
+          xj[i0[c]] += (WT ? w0[c] : T(1)) * sp[c];
+          if (NT == 2) xj[i1[c]] += (WT ? w1[c] : T(1)) * sp[c];
+        }
       }
     }
   }
@@ -359,22 +389,35 @@ RZ_INLINE void for_each_segment(const Problem<T>& p, int64_t i, const F& seg) {
 }
 
 template <typename T, int NT, bool WT, int OP>
-RZ_TARGET void term_row_as(const Problem<T>& p, const Taps<T>& taps, int64_t i, T* s, T* x, int64_t ldx) {
-  const Segment<T, NT, WT, OP> seg{&taps, p.O, s, x, ldx};
+RZ_TARGET void term_row_as(const Problem<T>& p, const Taps<T>& taps, int64_t i, T* s, T* x, int64_t ldx, T* spare) {
+  const Segment<T, NT, WT, OP> seg{&taps, p.O, s, x, ldx, spare};
   for_each_segment(p, i, seg);
 }
 
 // One term applied along query row i (OP: TermOp), dispatched on the taps' count and weights.
+// kScatterQuery: ldx is the row's entry count K, `spare` 3 K zeroed accumulators (or null), folded
+// into x and zeroed again here.
 template <typename T, int OP>
-RZ_TARGET void term_row(const Problem<T>& p, const Taps<T>& taps, int64_t i, T* s, T* x, int64_t ldx) {
+RZ_TARGET void term_row(const Problem<T>& p, const Taps<T>& taps, int64_t i, T* s, T* x, int64_t ldx,
+                        T* spare = nullptr) {
   const bool weighted = taps.w[0] != nullptr;
   if (taps.n == 1) {
-    if (weighted) return term_row_as<T, 1, true, OP>(p, taps, i, s, x, ldx);
-    return term_row_as<T, 1, false, OP>(p, taps, i, s, x, ldx);
+    if (weighted) term_row_as<T, 1, true, OP>(p, taps, i, s, x, ldx, spare);
+    else term_row_as<T, 1, false, OP>(p, taps, i, s, x, ldx, spare);
+  } else {
+    if (weighted) term_row_as<T, 2, true, OP>(p, taps, i, s, x, ldx, spare);
+    else term_row_as<T, 2, false, OP>(p, taps, i, s, x, ldx, spare);
   }
-  if (weighted) return term_row_as<T, 2, true, OP>(p, taps, i, s, x, ldx);
-  term_row_as<T, 2, false, OP>(p, taps, i, s, x, ldx);
+  if (OP == kScatterQuery && spare) {
+    for (int64_t e = 0; e < ldx; ++e) {
+      x[e] += spare[e] + spare[ldx + e] + spare[2 * ldx + e];
+      spare[e] = spare[ldx + e] = spare[2 * ldx + e] = T(0);
+    }
+  }
 }
+
+// Spread a query-side scatter over four rows when the row is long enough to pay for the fold.
+inline bool use_spare(int64_t Lk, int64_t K) { return Lk >= 8 * K; }
 
 // ---- forward ---------------------------------------------------------------------------------------
 
@@ -403,7 +446,7 @@ RZ_TARGET void scores_block(const Problem<T>& p, int64_t bh, int64_t i0, int64_t
 
 template <typename T>
 RZ_TARGET void forward_jobs(const Problem<T>& p, const Outputs<T>& out, int64_t rows, int64_t begin, int64_t end,
-                            T* S) {
+                            T* S, T* spare) {
   const int64_t nblk = (p.Lq + rows - 1) / rows;
   const uint32_t threshold = drop_threshold(p.dropout_p);
   const T keep_scale = p.dropout_p < 1.0 ? T(1.0 / (1.0 - p.dropout_p)) : T(0);
@@ -422,7 +465,7 @@ RZ_TARGET void forward_jobs(const Problem<T>& p, const Outputs<T>& out, int64_t 
       if (p.tv.n) {
         T* g = out.G + (bh * p.Lq + i) * p.Kv;
         for (int64_t e = 0; e < p.Kv; ++e) g[e] = T(0);
-        term_row<T, kScatterQuery>(p, p.tv, i, s, g, 0);
+        term_row<T, kScatterQuery>(p, p.tv, i, s, g, p.Kv, spare);
       }
     }
     gemm<T>(r, p.Dv, p.Lk, S, p.Lk, 1, p.v + bh * p.Lk * p.Dv, p.Dv, out.out + (bh * p.Lq + i0) * p.Dv, p.Dv, false);
@@ -438,9 +481,10 @@ RZ_TARGET void forward_impl(const Problem<T>& p, const Outputs<T>& out) {
   const int64_t rows = block_rows(p.Lk, sizeof(T));
   const int64_t njobs = p.B * p.H * ((p.Lq + rows - 1) / rows);
   const int64_t work = p.B * p.H * p.Lq * p.Lk * (p.D + p.Dv + 8);
+  const int64_t spare_n = p.tv.n && use_spare(p.Lk, p.Kv) ? 3 * p.Kv : 0;
   at::parallel_for(0, njobs, work < kInlineWork ? njobs : 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(static_cast<size_t>(rows * p.Lk));
-    forward_jobs(p, out, rows, begin, end, scratch.data());
+    std::vector<T> scratch(static_cast<size_t>(rows * p.Lk + spare_n));
+    forward_jobs(p, out, rows, begin, end, scratch.data(), spare_n ? scratch.data() + rows * p.Lk : nullptr);
   });
 }
 
@@ -451,7 +495,7 @@ void forward(const Problem<double>& p, const Outputs<double>& out) { forward_imp
 
 template <typename T>
 RZ_TARGET void backward_jobs(const Problem<T>& p, const Grads<T>& g, int64_t rows, int64_t chunks, int64_t begin,
-                             int64_t end, T* S, T* DP, T* PD, T* dk_part, T* dv_part, T* dxk_part) {
+                             int64_t end, T* S, T* DP, T* PD, T* spare, T* dk_part, T* dv_part, T* dxk_part) {
   const int64_t nblk = (p.Lq + rows - 1) / rows, per_chunk = (nblk + chunks - 1) / chunks;
   const int64_t BH = p.B * p.H;
   const uint32_t threshold = drop_threshold(p.dropout_p);
@@ -498,7 +542,7 @@ RZ_TARGET void backward_jobs(const Problem<T>& p, const Grads<T>& g, int64_t row
         for (int64_t j = 0; j < p.Lk; ++j) total += P[j] * dp[j];
 #pragma omp simd
         for (int64_t j = 0; j < p.Lk; ++j) dp[j] = P[j] * (dp[j] - total);  // dS
-        if (p.tq.n) term_row<T, kScatterQuery>(p, p.tq, i, dp, g.dxq + (bh * p.Lq + i) * p.Kq, 0);
+        if (p.tq.n) term_row<T, kScatterQuery>(p, p.tq, i, dp, g.dxq + (bh * p.Lq + i) * p.Kq, p.Kq, spare);
         if (p.tk.n) term_row<T, kScatterKey>(p, p.tk, i, dp, dxk, p.Kk);
       }
       gemm<T>(p.Lk, p.Dv, r, dropout ? PD : S, 1, p.Lk, dout, p.Dv, dv, p.Dv, true);               // dV += P^T dO
@@ -524,12 +568,15 @@ RZ_TARGET void backward_impl(const Problem<T>& p, const Grads<T>& g, int64_t chu
     parts.assign(static_cast<size_t>(dk_n + dv_n + dxk_n), T(0));
     dk_part = parts.data(), dv_part = dk_part + dk_n, dxk_part = p.tk.n ? dv_part + dv_n : nullptr;
   }
+  const int64_t spare_n = p.tq.n && use_spare(p.Lk, p.Kq) ? 3 * p.Kq : 0;
   at::parallel_for(0, njobs, work < kInlineWork ? njobs : 1, [&](int64_t begin, int64_t end) {
     const bool dropout = p.dropout_p > 0;
-    std::vector<T> scratch(static_cast<size_t>(rows * p.Lk * (dropout ? 3 : 2)));
+    const int64_t block = rows * p.Lk;
+    std::vector<T> scratch(static_cast<size_t>(block * (dropout ? 3 : 2) + spare_n));
     T* S = scratch.data();
-    backward_jobs(p, g, rows, chunks, begin, end, S, S + rows * p.Lk, dropout ? S + 2 * rows * p.Lk : nullptr,
-                  dk_part, dv_part, dxk_part);
+    T* spare = spare_n ? S + block * (dropout ? 3 : 2) : nullptr;
+    backward_jobs(p, g, rows, chunks, begin, end, S, S + block, dropout ? S + 2 * block : nullptr, spare, dk_part,
+                  dv_part, dxk_part);
   });
   if (chunks > 1) {
     const int64_t sizes[3] = {BH * p.Lk * p.D, BH * p.Lk * p.Dv, p.tk.n ? BH * p.Lk * p.Kk : 0};

@@ -40,6 +40,15 @@ Backends of :class:`iRPE` (:mod:`zoo.ops.backend`; outputs equal, tests hold the
 
 The backend is an :class:`iRPE` constructor argument and attribute; ``RELZOO_OPS=reference`` selects
 the reference for every module left at ``"auto"``.
+
+The attention layers (:class:`RPEMultiheadAttention`, :class:`RPEAttention`) have their own ``backend``
+(:data:`zoo.ops.backend.ATTENTION_BACKENDS`): by default the whole attention runs fused
+(:func:`zoo.ops.relative_attn.relative_attention`): SDPA without iRPE; with iRPE the per-bucket
+products (the small (B, heads, L, nb) tensors the index step gathers from) and each module's taps (the
+bucket of every offset, :meth:`iRPE.pair_taps`) go into the native fused kernel on CPU or a
+FlexAttention ``score_mod`` on CUDA, so no L x L logit, bias or index is materialised. ``"reference"``
+(and ``need_weights=True``) is the original formulation above, with the iRPE modules on their own
+``backend``.
 """
 from __future__ import annotations
 

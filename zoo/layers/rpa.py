@@ -17,9 +17,10 @@ small learned tensors ``a_k``, ``a_v``:
   displacement takes its value from the kernel's border ring by polar angle (``nearest``, ``alerp``
   angle-linear or ``slerp`` spherical-linear weights).
 
-How it is computed (spec §5). The expansion ``a -> A`` is linear with at most two non-zeros per
-displacement, so it is a constant matrix ``M`` (``P x K'``, ``P`` displacements, ``K'`` entries of
-``a``) built once per input size and cached. Both relative terms then go through ``a`` directly::
+The expansion (spec §5). ``a -> A`` is linear with at most two non-zeros per displacement, so it is a
+constant matrix ``M`` (``P x K'``, ``P`` displacements, ``K'`` entries of ``a``) built once per input
+size and cached. Both relative terms can then go through ``a`` directly; the pure-torch path of the
+drop-in attend ops does it in chunks::
 
     key term:   (q^T a) M^T   -> per query a row over all P displacements -> pick the N that exist
     value term: softmax(L) placed on the displacement grid -> (. M) -> (a .)
@@ -30,12 +31,21 @@ displacements its rows can reach, so the intermediate grid stays small. The two 
 other's adjoint, which is how the backward is written (first-order gradients, like the original).
 Everything else is GEMMs; there is no per-element loop.
 
-Backends (:mod:`zoo.ops.backend`, no native op), of the blocks and of the two attend ops: ``"auto"``
-(default) is the formulation above; ``"reference"`` is the original's algorithm (spec §1.3, §4): per
-head its own q/k/v, the displacement tables expanded for the current size, and the attend ops
-written with an explicit (query, key) -> table index (:func:`relative_attend_query_reference`,
-:func:`relative_attend_weight_reference`). Tests hold the two equal; ``benchmarks/rpa.py`` times
-them and the original's scalar-loop kernels.
+Backends of the blocks (:data:`zoo.ops.backend.ATTENTION_BACKENDS`): the default ``"auto"`` runs the whole
+attention fused (:func:`zoo.ops.relative_attn.relative_attention`): SDPA without relative terms; with them,
+``a`` enters as per-query entries ``q . a`` (B, h, N, K') and taps (:func:`_relative_taps`: for every
+offset the at most two entries of ``a`` its displacement cell interpolates, and their weights), read inside
+the native fused kernel on CPU, which also accumulates the value term's per-entry probabilities while the
+probabilities are in cache. ``"sdpa"`` materialises the logits (the value term needs the probabilities),
+``"native"`` forces the kernel; ``"flex"`` cannot compute the value term. ``"reference"`` is the
+original's algorithm (spec §1.3, §4): per head its own q/k/v, the displacement tables expanded for the
+current size, and the attend ops written with an explicit (query, key) -> table index
+(:func:`relative_attend_query_reference`, :func:`relative_attend_weight_reference`). Tests hold them equal;
+``benchmarks/attention.py`` and ``benchmarks/rpa.py`` time them and the original's scalar-loop kernels.
+
+The drop-in attend ops (``backend``: ``"auto"``, ``"native"``, ``"reference"``) run native loops
+(``ops/relative_attn``: the original op's algorithm, vectorised, threaded only above a work threshold, so
+small maps pay no thread wake-ups) where the op builds, else the chunked formulation above.
 
 Compatibility layer: the four native ops of the original are available with their argument order,
 semantics and interpolation names, as :func:`rotative_pad2d`, :func:`spherical_pad2d`,
@@ -823,9 +833,9 @@ _DOC_ARGS = """
         rpa_zero_init: a_k, a_v start at 0 (else U(0, 1)).
         bug_compatible: reproduce the original's behaviour where trained weights depend on it (module
             docstring, bugs 2 and 3). Older spellings ``rasa_mode`` etc. are accepted.
-        backend: ``"auto"`` (default): the plain tensor-op formulation (module docstring);
-            ``"reference"``: the original's algorithm, per head with explicit index tables. Kept as
-            the ``backend`` attribute, which may be changed later.
+        backend: ``"auto"`` (default): the fused attention (module docstring; ``"sdpa"``, ``"flex"``,
+            ``"native"`` force one path); ``"reference"``: the original's algorithm, per head with explicit
+            index tables. Kept as the ``backend`` attribute, which may be changed later.
 
     state_dict: ``embed_conv.<t>.{weight,bias}``, ``output_conv.{weight,bias}``, and with an rpa_mode
     ``a_k.<t>``, ``a_v.<t>`` of shape (d, K) / (d, *rpa_kernel_size).

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from zoo.errors import ConfigError, OpsError
 from zoo.ops.backend import ATTENTION_BACKENDS, check_backend, resolve
-from zoo.ops.build import on_load, use_native
+from zoo.ops.build import native_available, on_load, use_native
 from zoo.ops.rpe_index import rpe_index
 
 __all__ = ["OP_NAME", "PairTaps", "Term", "offset_grid", "pair_taps", "relative_attention",
@@ -133,7 +133,6 @@ class PairTaps:
     def num_taps(self) -> int:
         return self.index.shape[0]
 
-    @_cached_constant
     def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "PairTaps":
         """These taps on ``device``, weights in ``dtype`` (cached)."""
         device = torch.device(device)
@@ -142,20 +141,21 @@ class PairTaps:
             return self
         key = ("to", device, weight_dtype)
         if key not in self._cache:
-            weight = None if self.weight is None else self.weight.to(device, weight_dtype)
-            self._cache[key] = PairTaps(self.index.to(device), weight, self.grid, self.skip, self.num_entries)
+            with torch.inference_mode(False):  # a cached constant (see _cached_constant)
+                weight = None if self.weight is None else self.weight.to(device, weight_dtype)
+                self._cache[key] = PairTaps(self.index.to(device), weight, self.grid, self.skip, self.num_entries)
         return self._cache[key]
 
-    @_cached_constant
     def pair_entries(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(T, L, L) int32 entry ids of every pair and (T, L, L) weights (or None), materialised (cached).
 
         Only the ``"sdpa"`` and ``"reference"`` paths need them; the fused kernels read :attr:`index`."""
         if "pairs" not in self._cache:
-            offsets = _token_offsets(self.grid, self.skip, self.index.device)
-            entries = self.index.long()[:, offsets].to(torch.int32)
-            weights = None if self.weight is None else self.weight[:, offsets]
-            self._cache["pairs"] = (entries, weights)
+            with torch.inference_mode(False):  # a cached constant (see _cached_constant)
+                offsets = _token_offsets(self.grid, self.skip, self.index.device)
+                entries = self.index.long()[:, offsets].to(torch.int32)
+                weights = None if self.weight is None else self.weight[:, offsets]
+                self._cache["pairs"] = (entries, weights)
         return self._cache["pairs"]
 
 
@@ -372,15 +372,22 @@ def choose_backend(backend: str, q: torch.Tensor, *, query_term=None, key_term=N
     materialised bias at every size tried, and compiled FlexAttention is slower than both.
     """
     choice = resolve(backend, ATTENTION_BACKENDS, what)
-    if backend != "auto" or choice == "reference":
+    device = q.device.type
+    if backend != "auto":  # forced: "native" is the kernel or an OpsError saying why not
+        if choice == "native":
+            use_native(OP_NAME, "native", device)
         return choice
-    has_terms = any(t is not None for t in (query_term, key_term, value_term))
-    if not has_terms:
+    if choice == "reference":  # RELZOO_OPS=reference
+        return choice
+    if all(t is None for t in (query_term, key_term, value_term)):
         return "sdpa"
     bias_grad = _wants_grad(attn_bias)
-    device = q.device.type
-    if device == "cpu" and not bias_grad and use_native(OP_NAME, choice, "cpu"):
-        return "native"
+    if device == "cpu" and not bias_grad:
+        if choice == "native":  # RELZOO_OPS=native: a kernel that does not build is an error
+            use_native(OP_NAME, "native", device)
+            return "native"
+        if native_available(OP_NAME, device):
+            return "native"
     if device == "cuda" and value_term is None and dropout_p == 0 and not bias_grad and flex_available(q.device):
         return "flex"
     return "sdpa"
@@ -549,11 +556,9 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, que
     if choice == "reference":
         return _explicit(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mask, dropout_p,
                          "reference")
-    if choice == "native":
-        use_native(OP_NAME, "native", q.device.type)  # the kernel, or an OpsError saying why not
-        if _wants_grad(attn_bias):
-            raise ConfigError(f"{what} 'native' has no gradient for attn_bias (a float mask that requires grad); "
-                              f"use 'sdpa' or 'reference'")
+    if choice == "native" and _wants_grad(attn_bias):
+        raise ConfigError(f"{what} 'native' has no gradient for attn_bias (a float mask that requires grad); "
+                          f"use 'sdpa' or 'reference'")
     return _PATHS[choice](q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mask, dropout_p)
 
 
