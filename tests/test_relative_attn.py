@@ -236,6 +236,62 @@ def test_irpe_taps_read_the_original_bucket_maps():
         assert torch.equal(taps.pair_entries()[0][0].long(), t[key].long()), key
 
 
+@pytest.mark.parametrize("spec,hw", [("rpe-2.0-product-ctx-1-k", (5, 7)), ("rpe-1.9-cross-ctx-0-k", (4, 3)),
+                                     ("rpe-1.9-product-bias-0-k", (1, 6))])
+def test_structured_gathers_equal_the_index_step(spec, hw):
+    """SDPA's bias for product/cross without skip tokens comes from two small gathers per tap, never an
+    (L, L) index: the same values and gradients as the index step."""
+    module = irpe.build_rpe(rpe_config_from_spec(spec), 8, 2)[1]
+    L = hw[0] * hw[1]
+    taps = module.pair_taps(L, *hw)
+    assert ra._separable(taps) is not None
+    x = torch.randn(2, 2, L, taps.num_entries, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 2, L, L, dtype=torch.float64)
+    structured, indexed = ra.pair_bias(x, taps), ra.pair_bias(x, taps, "reference")
+    assert torch.equal(structured, indexed)
+    grads = [torch.autograd.grad((b * upstream).sum(), x)[0] for b in (structured, indexed)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
+    skipped = irpe.build_rpe(rpe_config_from_spec(spec, skip=1), 8, 2)[1].pair_taps(L + 1, *hw)
+    assert ra._separable(skipped) is None  # skip tokens: the index step
+
+
+def test_every_attention_of_the_models_runs_fused(native, monkeypatch):
+    """DETR (encoder and decoder self/cross attention), DeiT and the RPA block call SDPA without relative
+    terms and the native kernel with them (inference, CPU)."""
+    from zoo.models.deit import VisionTransformer
+    from zoo.models.detr import build_detr
+
+    calls = {"sdpa": 0, "native": 0}
+    real_sdpa, real_native = torch.nn.functional.scaled_dot_product_attention, ra._PATHS["native"]
+
+    def sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return real_sdpa(*args, **kwargs)
+
+    def native_path(*args):
+        calls["native"] += 1
+        return real_native(*args)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setitem(ra._PATHS, "native", native_path)
+    tiny = dict(hidden_dim=16, nheads=2, enc_layers=2, dec_layers=2, dim_feedforward=32, num_queries=5,
+                backbone_width_div=16)
+    cases = [(build_detr(enc_rpe2d="", **tiny), torch.randn(1, 3, 96, 96), {"sdpa": 2 + 2 * 2, "native": 0}),
+             (build_detr(enc_rpe2d="rpe-2.0-product-ctx-1-k", **tiny), torch.randn(1, 3, 96, 96),
+              {"sdpa": 2 * 2, "native": 2}),
+             (VisionTransformer(img_size=32, embed_dim=16, depth=2, num_heads=2), torch.randn(1, 3, 32, 32),
+              {"sdpa": 2, "native": 0}),
+             (VisionTransformer(img_size=32, embed_dim=16, depth=2, num_heads=2,
+                                rpe_config=get_rpe_config(1.9, "product", "ctx", True, 1, "qkv")),
+              torch.randn(1, 3, 32, 32), {"sdpa": 0, "native": 2}),
+             (MultiheadNonlocal2d(4, num_heads=2), torch.randn(1, 4, 5, 5), {"sdpa": 1, "native": 0})]
+    for model, x, expected in cases:
+        calls.update(sdpa=0, native=0)
+        with torch.no_grad():
+            model.eval()(x)
+        assert calls == expected, type(model).__name__
+
+
 def test_cross_taps_are_the_two_tables():
     config = get_rpe_config(1.9, "cross", "ctx", False, 1, "k")
     module = irpe.build_rpe(config, 8, 2)[1]
@@ -394,8 +450,8 @@ def eager_flex(monkeypatch):
     """FlexAttention without torch.compile (its reference implementation): checks our score_mod and block
     mask in seconds; the compiled kernel is tested below (slow) and on CUDA."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    monkeypatch.setattr(ra, "compiled_flex_attention", lambda: flex.flex_attention)
-    monkeypatch.setattr(neighborhood_attn, "compiled_flex_attention", lambda: flex.flex_attention)
+    monkeypatch.setattr(ra, "compiled_flex_attention", lambda device_type="cuda": flex.flex_attention)
+    monkeypatch.setattr(neighborhood_attn, "compiled_flex_attention", lambda device_type="cuda": flex.flex_attention)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         yield

@@ -136,26 +136,23 @@ Problem<T> describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     TORCH_CHECK(p.Lq == p.Lk && p.Lq == skip + p.gt * p.gh * p.gw, "relative_attn: relative terms need ", skip,
                 " + ", p.gt, "x", p.gh, "x", p.gw, " tokens for queries and keys, got ", p.Lq, " and ", p.Lk);
   }
-  if (const at::Tensor* x = present(xq)) {
-    check_dense(*x, q, "xq");
-    TORCH_CHECK(x->dim() == 4 && x->size(0) == p.B && x->size(1) == p.H && x->size(2) == p.Lq,
-                "relative_attn: xq must be (B, H, Lq, K), got ", x->sizes());
-    p.xq = x->const_data_ptr<T>(), p.Kq = x->size(3);
-    p.tq = taps_of<T>(taps, 0, p.O, p.Kq, q, "query term");
-    TORCH_CHECK(p.tq.n, "relative_attn: xq given without its taps");
-  } else {
-    TORCH_CHECK(!present(taps[0]), "relative_attn: query-term taps given without xq");
-  }
-  if (const at::Tensor* x = present(xk)) {
-    check_dense(*x, q, "xk");
-    TORCH_CHECK(x->dim() == 4 && x->size(0) == p.B && x->size(1) == p.H && x->size(2) == p.Lk,
-                "relative_attn: xk must be (B, H, Lk, K), got ", x->sizes());
-    p.xk = x->const_data_ptr<T>(), p.Kk = x->size(3);
-    p.tk = taps_of<T>(taps, 1, p.O, p.Kk, q, "key term");
-    TORCH_CHECK(p.tk.n, "relative_attn: xk given without its taps");
-  } else {
-    TORCH_CHECK(!present(taps[2]), "relative_attn: key-term taps given without xk");
-  }
+  // a query or key term: its per-entry values (B, H, L, K) and taps
+  auto term = [&](const c10::optional<at::Tensor>& values, int which, int64_t length, const T*& data, int64_t& K,
+                  Taps<T>& out, const char* name) {
+    const at::Tensor* x = present(values);
+    if (!x) {
+      TORCH_CHECK(!present(taps[2 * which]), "relative_attn: ", name, " taps given without its values");
+      return;
+    }
+    check_dense(*x, q, name);
+    TORCH_CHECK(x->dim() == 4 && x->size(0) == p.B && x->size(1) == p.H && x->size(2) == length,
+                "relative_attn: ", name, " values must be (B, H, ", length, ", K), got ", x->sizes());
+    data = x->const_data_ptr<T>(), K = x->size(3);
+    out = taps_of<T>(taps, which, p.O, K, q, name);
+    TORCH_CHECK(out.n, "relative_attn: ", name, " values given without its taps");
+  };
+  term(xq, 0, p.Lq, p.xq, p.Kq, p.tq, "query term");
+  term(xk, 1, p.Lk, p.xk, p.Kk, p.tk, "key term");
   if (present(taps[4])) {
     TORCH_CHECK(num_value_entries >= 1, "relative_attn: a value term needs num_value_entries >= 1");
     p.Kv = num_value_entries;
@@ -314,12 +311,21 @@ void check_attend(const at::Tensor& a, const at::Tensor& table, int64_t height, 
               ": table must be (C, 2H-1, 2W-1) = (C, ", 2 * height - 1, ", ", 2 * width - 1, "), got ", table.sizes());
 }
 
-template <typename F>
-void dispatch_attend(const at::Tensor& dtype_of, F&& f) {
-  if (dtype_of.scalar_type() == at::kFloat) {
-    f(float{});
+// out = op(a, b) on the instruction set the CPU has; a, b, out contiguous of one float dtype.
+void run_attend(AttendOp op, const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int64_t B, int64_t C,
+                int64_t height, int64_t width) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+#if RZ_HAVE_AVX2
+    if (use_avx2())
+      return avx2::attend(op, a.const_data_ptr<T>(), b.const_data_ptr<T>(), out.data_ptr<T>(), B, C, height, width);
+#endif
+    generic::attend(op, a.const_data_ptr<T>(), b.const_data_ptr<T>(), out.data_ptr<T>(), B, C, height, width);
+  };
+  if (a.scalar_type() == at::kFloat) {
+    run(float{});
   } else {
-    f(double{});
+    run(double{});
   }
 }
 
@@ -330,15 +336,7 @@ at::Tensor attend_pairs_cpu(const at::Tensor& x, const at::Tensor& table, int64_
   TORCH_CHECK(x.dim() == 3 && x.size(1) == table.size(0) && x.size(2) == N,
               "relative_attend_pairs: x must be (B, C, H*W) = (B, ", table.size(0), ", ", N, "), got ", x.sizes());
   at::Tensor out = at::empty({x.size(0), N, N}, x.options());
-  dispatch_attend(x, [&](auto tag) {
-    using T = decltype(tag);
-#if RZ_HAVE_AVX2
-    if (use_avx2()) return avx2::attend_pairs(x.const_data_ptr<T>(), table.const_data_ptr<T>(), out.data_ptr<T>(),
-                                              x.size(0), x.size(1), height, width);
-#endif
-    generic::attend_pairs(x.const_data_ptr<T>(), table.const_data_ptr<T>(), out.data_ptr<T>(), x.size(0), x.size(1),
-                          height, width);
-  });
+  run_attend(kAttendPairs, x, table, out, x.size(0), x.size(1), height, width);
   return out;
 }
 
@@ -349,15 +347,7 @@ at::Tensor attend_dot_cpu(const at::Tensor& pairs, const at::Tensor& table, int6
   TORCH_CHECK(pairs.dim() == 3 && pairs.size(1) == N && pairs.size(2) == N,
               "relative_attend_dot: pairs must be (B, H*W, H*W) with H*W = ", N, ", got ", pairs.sizes());
   at::Tensor out = at::empty({pairs.size(0), table.size(0), N}, pairs.options());
-  dispatch_attend(pairs, [&](auto tag) {
-    using T = decltype(tag);
-#if RZ_HAVE_AVX2
-    if (use_avx2()) return avx2::attend_dot(pairs.const_data_ptr<T>(), table.const_data_ptr<T>(), out.data_ptr<T>(),
-                                            pairs.size(0), table.size(0), height, width);
-#endif
-    generic::attend_dot(pairs.const_data_ptr<T>(), table.const_data_ptr<T>(), out.data_ptr<T>(), pairs.size(0),
-                        table.size(0), height, width);
-  });
+  run_attend(kAttendDot, pairs, table, out, pairs.size(0), table.size(0), height, width);
   return out;
 }
 
@@ -372,15 +362,7 @@ at::Tensor attend_table_grad_cpu(const at::Tensor& x, const at::Tensor& pairs, i
               "relative_attend_table_grad: x (B, C, N) and pairs (B, N, N) must be contiguous float CPU tensors of one "
               "dtype with N = ", N, ", got ", x.sizes(), " and ", pairs.sizes());
   at::Tensor out = at::empty({x.size(1), 2 * height - 1, 2 * width - 1}, x.options());
-  dispatch_attend(x, [&](auto tag) {
-    using T = decltype(tag);
-#if RZ_HAVE_AVX2
-    if (use_avx2()) return avx2::attend_table_grad(x.const_data_ptr<T>(), pairs.const_data_ptr<T>(),
-                                                   out.data_ptr<T>(), x.size(0), x.size(1), height, width);
-#endif
-    generic::attend_table_grad(x.const_data_ptr<T>(), pairs.const_data_ptr<T>(), out.data_ptr<T>(), x.size(0),
-                               x.size(1), height, width);
-  });
+  run_attend(kAttendTableGrad, x, pairs, out, x.size(0), x.size(1), height, width);
   return out;
 }
 

@@ -35,6 +35,13 @@ struct Taps {
   std::vector<int32_t> ridx_store;
   std::vector<T> rw_store;
 
+  // moves keep the stores' buffers (and so ridx/rw valid); a copy would not
+  Taps() = default;
+  Taps(Taps&&) = default;
+  Taps& operator=(Taps&&) = default;
+  Taps(const Taps&) = delete;
+  Taps& operator=(const Taps&) = delete;
+
   void reverse(int64_t O) {  // fills ridx/rw from idx/w
     ridx_store.resize(static_cast<size_t>(n * O));
     if (w[0]) rw_store.resize(static_cast<size_t>(n * O));
@@ -84,6 +91,9 @@ inline int64_t block_rows(int64_t Lk, int64_t elem_size) {
   return r - r % 6;  // whole 6-row product tiles
 }
 
+// The RPA original's 2-D attend ops (relative_attn_kernels.h): which product attend() computes.
+enum AttendOp { kAttendPairs, kAttendDot, kAttendTableGrad };
+
 // The kernels, once per instruction set (relative_attn_kernels.h; relative_attn.cpp picks one at run time).
 // backward: `chunks` splits each (batch, head)'s rows between tasks; dk, dv, dxk then sum per-chunk partials.
 #define RZ_DECLARE(ns)                                                                                     \
@@ -92,12 +102,8 @@ inline int64_t block_rows(int64_t Lk, int64_t elem_size) {
   void forward(const Problem<double>&, const Outputs<double>&);                                            \
   void backward(const Problem<float>&, const Grads<float>&, int64_t chunks);                               \
   void backward(const Problem<double>&, const Grads<double>&, int64_t chunks);                             \
-  void attend_pairs(const float*, const float*, float*, int64_t B, int64_t C, int64_t H, int64_t W);       \
-  void attend_pairs(const double*, const double*, double*, int64_t B, int64_t C, int64_t H, int64_t W);    \
-  void attend_dot(const float*, const float*, float*, int64_t B, int64_t C, int64_t H, int64_t W);         \
-  void attend_dot(const double*, const double*, double*, int64_t B, int64_t C, int64_t H, int64_t W);      \
-  void attend_table_grad(const float*, const float*, float*, int64_t B, int64_t C, int64_t H, int64_t W);  \
-  void attend_table_grad(const double*, const double*, double*, int64_t B, int64_t C, int64_t H, int64_t W); \
+  void attend(AttendOp, const float*, const float*, float*, int64_t B, int64_t C, int64_t H, int64_t W);     \
+  void attend(AttendOp, const double*, const double*, double*, int64_t B, int64_t C, int64_t H, int64_t W);  \
   }
 
 RZ_DECLARE(generic)

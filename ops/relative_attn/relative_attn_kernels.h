@@ -671,33 +671,21 @@ RZ_TARGET void attend_table_grad_channels(const T* x, const T* pairs, T* out, in
 }
 
 template <typename T>
-RZ_TARGET void attend_impl(int which, const T* a, const T* b, T* out, int64_t B, int64_t C, int64_t H, int64_t W) {
-  const int64_t N = H * W, tasks = which == 2 ? C : B * N;
+RZ_TARGET void attend_impl(AttendOp op, const T* a, const T* b, T* out, int64_t B, int64_t C, int64_t H, int64_t W) {
+  const int64_t N = H * W, tasks = op == kAttendTableGrad ? C : B * N;
   const bool inline_work = B * C * N * N < kInlineWork;
   at::parallel_for(0, tasks, inline_work ? tasks : 1, [&](int64_t begin, int64_t end) {
-    if (which == 0) attend_pairs_rows(a, b, out, C, H, W, begin, end);
-    else if (which == 1) attend_dot_rows(a, b, out, C, H, W, begin, end);
+    if (op == kAttendPairs) attend_pairs_rows(a, b, out, C, H, W, begin, end);
+    else if (op == kAttendDot) attend_dot_rows(a, b, out, C, H, W, begin, end);
     else attend_table_grad_channels(a, b, out, B, C, H, W, begin, end);
   });
 }
 
-void attend_pairs(const float* x, const float* t, float* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(0, x, t, o, B, C, H, W);
+void attend(AttendOp op, const float* a, const float* b, float* o, int64_t B, int64_t C, int64_t H, int64_t W) {
+  attend_impl(op, a, b, o, B, C, H, W);
 }
-void attend_pairs(const double* x, const double* t, double* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(0, x, t, o, B, C, H, W);
-}
-void attend_dot(const float* p, const float* t, float* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(1, p, t, o, B, C, H, W);
-}
-void attend_dot(const double* p, const double* t, double* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(1, p, t, o, B, C, H, W);
-}
-void attend_table_grad(const float* x, const float* p, float* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(2, x, p, o, B, C, H, W);
-}
-void attend_table_grad(const double* x, const double* p, double* o, int64_t B, int64_t C, int64_t H, int64_t W) {
-  attend_impl(2, x, p, o, B, C, H, W);
+void attend(AttendOp op, const double* a, const double* b, double* o, int64_t B, int64_t C, int64_t H, int64_t W) {
+  attend_impl(op, a, b, o, B, C, H, W);
 }
 
 #undef RZ_INLINE

@@ -247,7 +247,7 @@ def _flex(q, k, v, rel, mix, kernel, stride, offset):
             index = (a.clamp(0, kh - 1) * kw + c.clamp(0, kw - 1))
             return score + torch.where(inside(qi, ki), q_rel[bi, h, qi, index], 0.0)
 
-    out = compiled_flex_attention()(
+    out = compiled_flex_attention(q.device.type)(
         q.reshape(b, g, hq * wq, d), k.reshape(b, g, hk * wk, d), v.reshape(b, g, hk * wk, dv),
         score_mod=score_mod, block_mask=_block_mask(hq, wq, hk, wk, kernel, stride, offset, q.device), scale=1.0)
     return out.reshape(b, g, hq, wq, dv)

@@ -209,12 +209,67 @@ class Term(NamedTuple):
 # The materialised pieces (reference and sdpa paths)
 # ----------------------------------------------------------------------------------------------
 
+@_cached_constant
+def _separable(taps: PairTaps):
+    """For unweighted taps of a 2-D grid without skip tokens whose ids split by axis (iRPE product: id =
+    r(dr) S + c(dc) with K = S x S; cross: r(dr), and a constant + c(dc)): per tap its kind and the (L, h)
+    row ids and (L, w) column ids of every query; else None (euc, quant, skip tokens, RPA). Cached."""
+    if "separable" in taps._cache:
+        return taps._cache["separable"]
+    found = None
+    gt, gh, gw = taps.grid
+    if taps.weight is None and taps.skip == 0 and gt == 1:
+        ids = taps.index[:, :-1].long().view(-1, 2 * gh - 1, 2 * gw - 1)
+        r, c = torch.arange(gh, device=ids.device), torch.arange(gw, device=ids.device)
+        dr = (r.repeat_interleave(gw)[:, None] - r[None, :]) + gh - 1      # (L, h): query row - key row
+        dc = (c.repeat(gh)[:, None] - c[None, :]) + gw - 1                 # (L, w)
+        size = math.isqrt(taps.num_entries)
+        found = []
+        for it in ids:
+            if torch.equal(it, it[:, :1].expand_as(it)):
+                found.append(("rows", it[:, 0][dr], None, 0))
+            elif torch.equal(it, it[:1, :].expand_as(it)):
+                found.append(("cols", None, it[0, :][dc], 0))
+            elif size * size == taps.num_entries and torch.equal(it // size, (it // size)[:, :1].expand_as(it)) \
+                    and torch.equal(it % size, (it % size)[:1, :].expand_as(it)):
+                found.append(("product", (it // size)[:, 0][dr], (it % size)[0, :][dc], size))
+            else:
+                found = None
+                break
+    taps._cache["separable"] = found
+    return found
+
+
+def _separable_bias(values: torch.Tensor, taps: PairTaps, parts) -> torch.Tensor:
+    """The structured gather of :func:`pair_bias` for separable taps: at most two small gathers a tap,
+    with (L, h) and (L, w) indices instead of an (L, L) one; the sum is the only (L, L) write."""
+    *lead, L, K = values.shape
+    gh, gw = taps.grid[1:]
+    bias = None
+    for kind, row_ids, col_ids, size in parts:
+        if kind == "rows":    # broadcast over the key columns
+            part = values.gather(-1, row_ids.expand(*lead, L, gh))[..., None]
+        elif kind == "cols":  # broadcast over the key rows
+            part = values.gather(-1, col_ids.expand(*lead, L, gw))[..., None, :]
+        else:                 # the row block r S of every key row, then the column c inside it
+            blocks = values.reshape(*lead, L, K // size, size)
+            picked = blocks.gather(-2, row_ids[..., None].expand(*lead, L, gh, size))
+            part = picked.gather(-1, col_ids[:, None, :].expand(*lead, L, gh, gw))
+        bias = part if bias is None else bias + part
+    return bias.expand(*lead, L, gh, gw).reshape(*lead, L, L)
+
+
 def pair_bias(values: torch.Tensor, taps: PairTaps, index_backend: str = "auto") -> torch.Tensor:
     """(B', H', L, L): sum_t w_t(o) values[..., i, idx_t(o(i, j))] for values (B', H', L or 1, K).
 
-    For a key term, transpose the result (the pair (j, i) of keys acting as queries). The gather is
-    :func:`zoo.ops.rpe_index` (``index_backend``: its ``backend``), or plain indexing for values
-    broadcast over the queries (bias tables)."""
+    For a key term, transpose the result (the pair (j, i) of keys acting as queries). The gather is the
+    structured one (:func:`_separable_bias`) where the ids split by axis (iRPE product/cross without skip
+    tokens), else :func:`zoo.ops.rpe_index` (``index_backend``: its ``backend``) per tap, or plain
+    indexing for values broadcast over the queries (bias tables)."""
+    if values.shape[-2] > 1 and index_backend != "reference":
+        parts = _separable(taps)
+        if parts is not None:
+            return _separable_bias(values, taps, parts)
     entries, weights = taps.pair_entries()
     bias = None
     for t in range(taps.num_taps):
@@ -332,21 +387,22 @@ def _check(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mas
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
 
-@lru_cache(maxsize=1)
-def compiled_flex_attention():
+@lru_cache(maxsize=2)
+def compiled_flex_attention(device_type: str = "cuda"):
     """FlexAttention (``torch.nn.attention.flex_attention``) under ``torch.compile``, or None when this
-    torch has none. Compiled once per process (and per new shape); eager FlexAttention is a slow
-    reference implementation."""
+    torch has none; eager FlexAttention is a slow reference implementation. Compiled per new shape: on
+    CUDA with dynamic shapes after the first recompile; on the CPU always static (the C++ template of
+    torch 2.14 fails to compile with symbolic sizes)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError:
         return None
-    return torch.compile(flex_attention, dynamic=None)
+    return torch.compile(flex_attention, dynamic=None if device_type == "cuda" else False)
 
 
 def flex_available(device: torch.device) -> bool:
     """Whether FlexAttention can run on ``device``: CUDA needs triton; CPU compiles with the C++ compiler."""
-    if compiled_flex_attention() is None:
+    if compiled_flex_attention(torch.device(device).type) is None:
         return False
     if torch.device(device).type == "cuda":
         try:
@@ -456,7 +512,7 @@ def _native(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_ma
 
 
 def _flex(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mask, dropout_p):
-    flex = compiled_flex_attention()
+    flex = compiled_flex_attention(q.device.type)
     if flex is None or not flex_available(q.device):
         raise OpsError(f"backend 'flex': FlexAttention is not available here (torch {torch.__version__}"
                        f"{', no triton' if q.device.type == 'cuda' else ''})")
@@ -566,60 +622,53 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, que
 # The RPA original's 2-D attend ops (zoo.layers.rpa.relative_attend_query2d / _weight2d)
 # ----------------------------------------------------------------------------------------------
 
-class _AttendPairs(torch.autograd.Function):
-    """R[b, i, j] = sum_c x[b, c, i] table[c, cell(i, j)] (native, first-order gradients)."""
+class _Attend(torch.autograd.Function):
+    """The native attend ops with first-order gradients; ``kind`` names the forward:
+
+    * ``"pairs"``: first = x (B, C, N) -> R[b, i, j] = sum_c x[b, c, i] table[c, cell(i, j)]
+    * ``"dot"``:   first = pairs (B, N, N) -> O[b, c, i] = sum_j pairs[b, i, j] table[c, cell(i, j)]
+
+    Each is the other's adjoint in ``first``; the table's gradient pairs the (B, C, N) side with the
+    (B, N, N) side."""
 
     @staticmethod
-    def forward(ctx, x, table, height, width):
-        ctx.save_for_backward(x, table)
-        ctx.size = (height, width)
-        return torch.ops.relzoo.relative_attend_pairs(x, table, height, width)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, table = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = torch.ops.relzoo.relative_attend_dot(grad, table, *ctx.size) if ctx.needs_input_grad[0] else None
-        dtable = torch.ops.relzoo.relative_attend_table_grad(x, grad, *ctx.size) if ctx.needs_input_grad[1] else None
-        return dx, dtable, None, None
-
-
-class _AttendDot(torch.autograd.Function):
-    """O[b, c, i] = sum_j pairs[b, i, j] table[c, cell(i, j)] (native, first-order gradients)."""
-
-    @staticmethod
-    def forward(ctx, pairs, table, height, width):
-        ctx.save_for_backward(pairs, table)
-        ctx.size = (height, width)
-        return torch.ops.relzoo.relative_attend_dot(pairs, table, height, width)
+    def forward(ctx, first, table, height, width, kind):
+        ctx.save_for_backward(first, table)
+        ctx.size, ctx.kind = (height, width), kind
+        op = torch.ops.relzoo.relative_attend_pairs if kind == "pairs" else torch.ops.relzoo.relative_attend_dot
+        return op(first, table, height, width)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        pairs, table = ctx.saved_tensors
+        first, table = ctx.saved_tensors
         grad = grad.contiguous()
-        dpairs = torch.ops.relzoo.relative_attend_pairs(grad, table, *ctx.size) if ctx.needs_input_grad[0] else None
-        dtable = torch.ops.relzoo.relative_attend_table_grad(grad, pairs, *ctx.size) if ctx.needs_input_grad[1] \
-            else None
-        return dpairs, dtable, None, None
+        pairs_side = ctx.kind == "pairs"
+        adjoint = torch.ops.relzoo.relative_attend_dot if pairs_side else torch.ops.relzoo.relative_attend_pairs
+        d_first = adjoint(grad, table, *ctx.size) if ctx.needs_input_grad[0] else None
+        d_table = None
+        if ctx.needs_input_grad[1]:
+            channels, pairs = (first, grad) if pairs_side else (grad, first)
+            d_table = torch.ops.relzoo.relative_attend_table_grad(channels, pairs, *ctx.size)
+        return d_first, d_table, None, None, None
+
+
+def _attend(first, table, height, width, kind):
+    dtype = first.dtype
+    compute = dtype if dtype in _NATIVE_DTYPES else torch.float32
+    out = _Attend.apply(first.to(compute).contiguous(), table.to(compute).contiguous(), int(height), int(width), kind)
+    return out.to(dtype)
 
 
 def attend_pairs(x: torch.Tensor, table: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Native: x (B, C, H*W), table (C, 2H-1, 2W-1) -> (B, N, N), R[b, i, j] = sum_c x[b, c, i] table[c, cell(i, j)]
     with cell(i, j) = (y_j - y_i + H - 1, x_j - x_i + W - 1). Callers check :func:`use_native` first."""
-    dtype = x.dtype
-    compute = dtype if dtype in _NATIVE_DTYPES else torch.float32
-    out = _AttendPairs.apply(x.to(compute).contiguous(), table.to(compute).contiguous(), int(height), int(width))
-    return out.to(dtype)
+    return _attend(x, table, height, width, "pairs")
 
 
 def attend_dot(pairs: torch.Tensor, table: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Native: pairs (B, N, N), table (C, 2H-1, 2W-1) -> (B, C, N), O[b, c, i] = sum_j pairs[b, i, j] table[c, cell(i, j)]."""
-    dtype = pairs.dtype
-    compute = dtype if dtype in _NATIVE_DTYPES else torch.float32
-    out = _AttendDot.apply(pairs.to(compute).contiguous(), table.to(compute).contiguous(), int(height), int(width))
-    return out.to(dtype)
+    return _attend(pairs, table, height, width, "dot")
 
 
 @on_load(OP_NAME)
