@@ -22,10 +22,11 @@ attention without relative terms on a fused kernel); inference and forward + bac
   RGA-SC R50 at 256x128, RSANet-R50 at 224, SASA-ResNet26 at 224; sizes and batches are options).
 
 Timing: every row of a table takes its turn within each round (interleaved), the table shows the median
-over ``--runs`` rounds after one warm-up (FlexAttention compiles during it), and the spread
-(max - min) / median of each row's samples. Attention modules run with dropout 0 (the fused kernels'
-cost without a mask draw; CPU SDPA has no fused kernel with dropout), in training mode for fwd+bwd.
-On CUDA every timed call ends with a synchronize.
+over ``--runs`` rounds after one warm-up (FlexAttention compiles during it), and +-half the spread
+(max - min) / median of each row's samples. ``--clock thread`` measures the CPU time of one compute
+thread instead of wall time: on a shared machine other processes then stretch no row. Attention
+modules run with dropout 0 (the fused kernels' cost without a mask draw; CPU SDPA has no fused kernel
+with dropout), in training mode for fwd+bwd. On CUDA every timed call ends with a synchronize.
 """
 from __future__ import annotations
 
@@ -59,8 +60,12 @@ ATTENTION_ROWS = ("auto", "native", "sdpa", "flex")
 # ----------------------------------------------------------------------------- timing
 
 class Timer:
-    def __init__(self, device: torch.device, runs: int):
+    """Wall time, or with ``clock="thread"`` (one CPU thread) the CPU time of this thread, which a shared
+    machine's other processes do not inflate (they still evict caches)."""
+
+    def __init__(self, device: torch.device, runs: int, clock: str = "wall"):
         self.device, self.runs = device, runs
+        self.now = time.thread_time if clock == "thread" else time.perf_counter
 
     def sync(self):
         if self.device.type == "cuda":
@@ -74,10 +79,10 @@ class Timer:
         samples = {name: [] for name in fns}
         for _ in range(self.runs):
             for name, fn in fns.items():
-                start = time.perf_counter()
+                start = self.now()
                 fn()
                 self.sync()
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(self.now() - start)
         return {name: (statistics.median(v), (max(v) - min(v)) / statistics.median(v)) for name, v in samples.items()}
 
 
@@ -361,7 +366,7 @@ def rpa_ops_table(args, timer, device):
                 return tuple(original.query_bwd(g.contiguous(), a, b, H, W))
 
         checks["original"] = lambda: torch.autograd.gradcheck(Original.apply, (qd, ad))
-    g = Timer(device, 1).interleaved(checks)
+    g = Timer(device, 1, "wall" if timer.now is time.perf_counter else "thread").interleaved(checks)
     print(f"\nRPA drop-in ops, 8x8 map, query 2x16x64, table 16x15x15, forward (median of {timer.runs})\n")
     print("| op | ours ms | original op's algorithm ms | ours / original | reference formulation ms |\n"
           "|---|---:|---:|---:|---:|")
@@ -392,7 +397,7 @@ def models_table(args, device):
     from zoo.models.rsanet import rsanet_r50
     from zoo.models.sasa_resnet import sasa_resnet26
 
-    timer = Timer(device, args.model_runs)
+    timer = Timer(device, args.model_runs, args.clock)
     dh, dw = args.detr_size
     clips, frames = args.rsa
     cases = [
@@ -437,11 +442,13 @@ TABLES = ("detr_plain", "irpe_k", "irpe_qkv", "deit", "rpa", "sasa", "rpa_ops", 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES))
-    parser.add_argument("--quick", action="store_true", help="small sizes (12x17 tokens, 16x16 maps, 224->112)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 12x17 tokens, 16x16 and 28x28 maps, small models and batches")
     parser.add_argument("--runs", type=int, default=7, help="interleaved rounds of the layer tables")
     parser.add_argument("--model-runs", type=int, default=2, help="interleaved rounds of the whole-model table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="thread: CPU time of the one compute thread (sets --threads 1; CPU only)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention rows (they compile on first use)")
     parser.add_argument("--detr-size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--detr-batch", type=int, default=1)
@@ -450,16 +457,21 @@ def main(argv=None) -> None:
     parser.add_argument("--sasa-batch", type=int, default=8)
     parser.add_argument("--skip-models", nargs="*", default=[], choices=["detr", "rga", "rsanet", "sasa"])
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.clock == "thread":
+        if device.type != "cpu":
+            parser.error("--clock thread measures CPU time: CPU only")
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     flex = not args.no_flex and relative_attn.flex_available(device)
-    timer = Timer(device, args.runs)
+    timer = Timer(device, args.runs, args.clock)
     h, w = (12, 17) if args.quick else (25, 34)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    clock = "thread CPU time" if args.clock == "thread" else "wall time"
     print(f"{datetime.date.today()}, device {device} ({name}), {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, float32, median of {args.runs} interleaved rounds after 1 warm-up; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+          f"{torch.__version__}, float32, {clock}, median of {args.runs} interleaved rounds after 1 warm-up; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     size = f"batch 2, L = {h}x{w} = {h * w} tokens, d_model 256, 8 heads"
     if "detr_plain" in args.tables:

@@ -214,20 +214,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
                                       : std::vector<int64_t>{0},
                            q.options());
   const at::Tensor kt = k.transpose(2, 3).contiguous();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto p = describe<T>(q, k, v, xq, xk, taps, num_value_entries, attn_bias, key_padding_mask, grid, skip, dropout_p,
+                         seed);
+    p.q = q.const_data_ptr<T>(), p.k = k.const_data_ptr<T>(), p.v = v.const_data_ptr<T>();
+    p.kt = kt.const_data_ptr<T>();
+    run_forward(p, Outputs<T>{out.data_ptr<T>(), lse.data_ptr<T>(), value_term ? G.data_ptr<T>() : nullptr});
+  };
   if (q.scalar_type() == at::kFloat) {
-    auto p = describe<float>(q, k, v, xq, xk, taps, num_value_entries, attn_bias, key_padding_mask, grid, skip,
-                             dropout_p, seed);
-    p.q = q.const_data_ptr<float>(), p.k = k.const_data_ptr<float>(), p.v = v.const_data_ptr<float>();
-    p.kt = kt.const_data_ptr<float>();
-    run_forward(p, Outputs<float>{out.data_ptr<float>(), lse.data_ptr<float>(),
-                                  value_term ? G.data_ptr<float>() : nullptr});
+    run(float{});
   } else {
-    auto p = describe<double>(q, k, v, xq, xk, taps, num_value_entries, attn_bias, key_padding_mask, grid, skip,
-                              dropout_p, seed);
-    p.q = q.const_data_ptr<double>(), p.k = k.const_data_ptr<double>(), p.v = v.const_data_ptr<double>();
-    p.kt = kt.const_data_ptr<double>();
-    run_forward(p, Outputs<double>{out.data_ptr<double>(), lse.data_ptr<double>(),
-                                   value_term ? G.data_ptr<double>() : nullptr});
+    run(double{});
   }
   return {out, lse, G};
 }
