@@ -1,4 +1,4 @@
-"""``python -m zoo list | info | convert | export | predict | eval | train | data make | demo``.
+"""``python -m zoo list | info | convert | export | predict | eval | train | data make | demo | visualize | site``.
 
 Every command is defined here. The arguments are parsed before anything heavy is imported: this
 module imports only the standard library and zoo modules that need no torch, so ``--help`` of
@@ -82,7 +82,7 @@ def _cmd_eval(args) -> int:
     options = json.loads(args.options) if args.options else None
     result = evaluate(args.name, args.data, weights=args.weights, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, limit=args.limit, out=args.out, options=options,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, plots=not args.no_plots)
     if result is not None:
         print(result.table())
     return 0
@@ -95,10 +95,17 @@ def _cmd_train(args) -> int:
     preprocessing = json.loads(args.preprocessing) if args.preprocessing else None
     if not isinstance(overrides, dict):
         raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    validate = None
+    if args.validate:
+        from zoo.eval.runner import evaluate
+
+        def validate(model):  # the model's own protocol on the val split of the same dataset
+            return evaluate(args.name, args.data, model=model, device=args.device, progress=False).metrics
+
     out = train(args.name, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
-                preprocessing=preprocessing, **overrides)
+                preprocessing=preprocessing, plots=not args.no_plots, validate=validate, **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -130,6 +137,31 @@ def _cmd_demo(args) -> int:
             return 1
         print(f"check passed: every reproduced metric is within {TOLERANCE} of the reported one")
     return 0
+
+
+def _cmd_visualize(args) -> int:
+    from zoo.factory import create_model
+    from zoo.viz.visualize import visualize
+
+    model = create_model(args.name, pretrained=args.weights is None, weights=args.weights).to(args.device)
+    index = visualize(model, args.name, args.out, image=args.image, video=args.video, point=args.point,
+                      frame=args.frame, weights=args.weights or args.name.partition(".")[2] or None)
+    print(f"wrote {index}")
+    return 0
+
+
+def _cmd_site(args) -> int:
+    from zoo.viz.site import build_site
+
+    print(f"wrote {build_site(args.out, results=args.results)}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results as JSON (and a markdown table beside it)")
     p.add_argument("--options", help="JSON overrides of the protocol options")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true",
+                   help="with --out, do not draw pr_curve.png (COCO) / cmc.png (re-id) beside the JSON")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -211,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--validate", action="store_true",
+                   help="after every epoch, evaluate on the val split of --data with the model's protocol "
+                        "(metrics per epoch in config.json and metrics.png)")
+    p.add_argument("--no-plots", action="store_true", help="do not draw loss.png (and metrics.png) into --out")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("data", help="generate the synthetic mini datasets",
@@ -241,6 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per model")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "visualize", help="draw a model's attention for one image or video",
+        description="Run a model on one input and draw what its attention layers compute (iRPE buckets and "
+                    "tables, DETR cross-attention, RGA spatial/channel attention, RSA relational kernels, RPA "
+                    "affinities, SASA local attention) as PNGs with an index.html.")
+    p.add_argument("name", help="model or model.tag")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (models that take images)")
+    source.add_argument("--video", help="a folder of video frames img_00001.jpg, ... (RSA models)")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier visualisation)")
+    p.add_argument("--weights", help="weights source overriding the tag (tag, path, URL, hf://)")
+    p.add_argument("--point", nargs=2, type=_fraction, default=(0.5, 0.5), metavar=("ROW", "COL"),
+                   help="the query / position / pixel shown, as fractions of the input's height and width "
+                        "(default 0.5 0.5, the centre)")
+    p.add_argument("--frame", type=int, help="RSA: the frame of the position (default the middle one)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser(
+        "site", help="write the zoo as a static HTML site",
+        description="Write a static site (plain HTML + CSS, opens from the file system): the model table with "
+                    "filters by family and task, and one page per model with its card, reported vs reproduced "
+                    "metrics, the commands that reproduce them, its plots and visualisations.")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier site)")
+    p.add_argument("--results", help="a folder searched for `zoo eval --out` results (and the plots beside them) "
+                                      "and `zoo visualize --out` folders")
+    p.set_defaults(func=_cmd_site)
     return parser
 
 

@@ -48,3 +48,7 @@ class DatasetError(ZooError):
 
 class OpsError(ZooError):
     """A native kernel that cannot be built or loaded when ``RELZOO_OPS=native`` demands it."""
+
+
+class DependencyError(ZooError, ImportError):
+    """An optional dependency that a feature needs is not installed (the message names the extra to install)."""

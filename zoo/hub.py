@@ -29,14 +29,15 @@ from zoo.config import ModelConfig
 from zoo.errors import ConversionError, WeightsError, ZooError
 from zoo.registry import model_info
 
-__all__ = ["FOLDER_WEIGHTS", "FOLDER_CONFIG", "FOLDER_CARD", "HF_FALLBACK_WEIGHTS", "read_folder_config",
+__all__ = ["FOLDER_WEIGHTS", "FOLDER_CONFIG", "FOLDER_CARD", "FOLDER_PLOTS", "HF_FALLBACK_WEIGHTS", "read_folder_config",
            "load_folder_weights", "write_model_folder", "check_out_dir", "model_card", "jsonable"]
 
 FOLDER_WEIGHTS = "model.safetensors"
 FOLDER_CONFIG = "config.json"
 FOLDER_CARD = "README.md"
 HF_FALLBACK_WEIGHTS = "pytorch_model.bin"  # transformers' name, read when a Hub repo has no safetensors
-_FOLDER_FILES = (FOLDER_WEIGHTS, FOLDER_CONFIG, FOLDER_CARD)
+FOLDER_PLOTS = ("loss.png", "metrics.png")  # training curves `zoo train` draws beside the weights
+_FOLDER_FILES = (FOLDER_WEIGHTS, FOLDER_CONFIG, FOLDER_CARD, *FOLDER_PLOTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,13 +75,18 @@ def load_folder_weights(folder: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 def write_model_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, Tensor], config: dict, card: str,
-                       metadata: dict[str, str] | None = None) -> Path:
+                       metadata: dict[str, str] | None = None, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (the card) atomically.
 
     The layout ``create_model(name, weights=DIR)`` loads and the Hugging Face Hub shows; used by
-    ``zoo convert`` and ``zoo export``. Readers see the old folder or the new one, never half of one.
+    ``zoo convert``, ``zoo export`` and ``zoo train``, whose training curves come as ``extra_files``
+    (file name in :data:`FOLDER_PLOTS` -> PNG bytes). Readers see the old folder or the new one, never half of one.
     """
     out_dir = Path(out_dir)
+    unknown = sorted(set(extra_files or {}) - set(FOLDER_PLOTS))
+    if unknown:
+        raise ValueError(f"write_model_folder: extra files {unknown} are not part of the folder format "
+                         f"(allowed: {', '.join(FOLDER_PLOTS)})")
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -89,6 +95,8 @@ def write_model_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, Tens
                          metadata={"format": "pt", "relzoo_model": str(config["model"]), **(metadata or {})})
         (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         (tmp / FOLDER_CARD).write_text(card, encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():

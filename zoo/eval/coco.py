@@ -76,8 +76,9 @@ class CocoProtocol(Protocol):
     def compute(self, predictions: list) -> dict[str, float]:
         if not predictions:
             raise DatasetError(f"coco protocol: no images were evaluated in {self.data_dir}")
-        coco_gt = self.dataset().coco
-        return coco_box_ap(coco_gt, predictions)
+        evaluator = coco_evaluate(self.dataset().coco, predictions)
+        self.curves = {"pr_curve": pr_curve(evaluator)}
+        return box_ap(evaluator)
 
 
 def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
@@ -85,6 +86,12 @@ def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
 
     ``predictions``: dicts with ``image_id`` and numpy ``boxes`` (N, 4) xywh, ``scores`` (N,), ``labels`` (N,).
     """
+    return box_ap(coco_evaluate(coco_gt, predictions))
+
+
+def coco_evaluate(coco_gt, predictions: list):
+    """pycocotools ``COCOeval`` (bbox) run over the images in ``predictions`` (see :func:`coco_box_ap`):
+    evaluated, accumulated and summarised."""
     from pycocotools.cocoeval import COCOeval
 
     results = []
@@ -109,6 +116,35 @@ def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    # pycocotools reports -1 for a size range without any ground truth among the evaluated
-    # images (e.g. no small objects in a --limit subset): that metric is undefined, so it is left out.
+    return evaluator
+
+
+def box_ap(evaluator) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl in percent from a summarised ``COCOeval``.
+
+    pycocotools reports -1 for a size range without any ground truth among the evaluated images (e.g.
+    no small objects in a --limit subset): that metric is undefined, so it is left out.
+    """
     return {name: float(value) * 100.0 for name, value in zip(METRICS, evaluator.stats[:6]) if value >= 0}
+
+
+def pr_curve(evaluator) -> dict:
+    """Precision-recall per IoU threshold from an accumulated ``COCOeval`` (what ``pr_curve.png`` draws).
+
+    COCOeval's interpolated precision at its 101 recall thresholds, for all areas and the largest
+    detection limit, averaged over the categories that have ground truth (those with -1 are left out);
+    None at a threshold where no category has any. The mean of one row is the AP at that IoU, so the
+    mean over all rows is the AP of :func:`box_ap`. Returns ``{"recall": [101], "iou_thresholds": [10],
+    "precision": [10][101], "area": "all", "max_dets": 100}``.
+    """
+    params = evaluator.params
+    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]  # (T, R, K)
+    rows = []
+    for per_threshold in precision:
+        row = []
+        for per_recall in per_threshold:
+            defined = per_recall[per_recall > -1]
+            row.append(float(defined.mean()) if defined.size else None)
+        rows.append(row)
+    return {"recall": [float(r) for r in params.recThrs], "iou_thresholds": [float(t) for t in params.iouThrs],
+            "precision": rows, "area": "all", "max_dets": int(params.maxDets[-1])}

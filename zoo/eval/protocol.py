@@ -45,6 +45,9 @@ class Protocol:
         self.model_config = model_config
         self.options = dict(options)
         self.limit = limit
+        #: Curves of the last :meth:`compute`, name -> JSON-ready data (``pr_curve`` for COCO, ``cmc`` for
+        #: re-id; :mod:`zoo.viz.curves` draws them); empty for protocols that have none.
+        self.curves: dict[str, dict] = {}
 
     def dataset(self) -> Sequence:
         """Indexable samples (picklable, e.g. ``(image_tensor, meta)``), at most ``limit`` of them."""
@@ -59,7 +62,8 @@ class Protocol:
         raise NotImplementedError
 
     def compute(self, predictions: list) -> dict[str, float]:
-        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units."""
+        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units
+        (and :attr:`curves` set, where the protocol has curves)."""
         raise NotImplementedError
 
 

@@ -337,5 +337,7 @@ class ReidProtocol(Protocol):
                     single_gallery_shot=bool(opts.get("single_gallery_shot", False)),
                     first_match_break=bool(opts.get("first_match_break", True)), rng=rng)
         m_ap = mean_ap(*args, legacy_sklearn=bool(opts.get("legacy_sklearn", False)))
+        self.curves = {"cmc": {"ranks": list(range(1, len(curve) + 1)), "cmc": [100 * float(c) for c in curve],
+                               "mAP": 100 * m_ap}}
         return {"rank1": 100 * float(curve[0]), "rank5": 100 * float(curve[4]), "rank10": 100 * float(curve[9]),
                 "mAP": 100 * m_ap}

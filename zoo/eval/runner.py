@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -20,13 +22,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from zoo._fs import atomic_write_text
+from zoo._fs import atomic_write_text, sha256_file
 from zoo.config import ModelConfig, ReportedMetric
 from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.eval.protocol import Protocol, get_protocol
 from zoo.factory import create_model
 from zoo.paths import env, progress_enabled
 from zoo.registry import model_info, split_name
+from zoo.viz.curves import write_eval_plots
+from zoo.viz.figure import matplotlib_available
 
 
 @dataclass
@@ -143,10 +147,38 @@ def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = DEFA
     return protocol.compute(predictions), len(dataset)
 
 
+def _command(name: str, data_dir: Path, weights: Optional[str], batch_size: int, limit: Optional[int],
+             options: Optional[dict]) -> str:
+    """The ``python -m zoo eval`` command line that reproduces a result (recorded in its JSON)."""
+    parts = ["python", "-m", "zoo", "eval", name, "--data", str(data_dir)]
+    if weights is not None:
+        parts += ["--weights", str(weights)]
+    if batch_size != DEFAULT_BATCH_SIZE:
+        parts += ["--batch-size", str(batch_size)]
+    if limit is not None:
+        parts += ["--limit", str(limit)]
+    if options:
+        parts += ["--options", json.dumps(options, sort_keys=True)]
+    return shlex.join(parts)
+
+
+def _write_plots(curves: dict, folder: Path) -> dict:
+    """The protocol's curves drawn beside the results JSON: ``{curve: {"file", "sha256"}}`` (the sha256 lets
+    ``zoo site`` tell a plot that a later evaluation into the same folder replaced)."""
+    if not curves:
+        return {}
+    if not matplotlib_available():
+        warnings.warn(f"matplotlib is not installed, so zoo eval draws no {', '.join(sorted(curves))} plot: "
+                      "pip install 'relzoo[viz]' (or pass --no-plots)", stacklevel=3)
+        return {}
+    return {curve: {"file": file, "sha256": sha256_file(folder / file)}
+            for curve, file in write_eval_plots(curves, folder).items()}
+
+
 def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = None, model: Optional[nn.Module] = None,
              batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0, device: str = "cpu", limit: Optional[int] = None,
              out: Union[str, Path, None] = None, options: Optional[dict] = None,
-             progress: bool = True) -> Optional[EvalResult]:
+             progress: bool = True, plots: bool = True) -> Optional[EvalResult]:
     """``python -m zoo eval``: build the model and protocol from the config, run, compare.
 
     Args:
@@ -154,8 +186,12 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
         data_dir: dataset root in the original on-disk format.
         weights: weights source overriding the tag (tag, path, URL, ``hf://``).
         model: an already built model to evaluate instead of building ``name`` (tests, training loops).
-        out: write the result as JSON there, and the markdown table beside it (``.md``).
+        out: write the result as JSON there, and the markdown table beside it (``.md``); the JSON also
+            holds the protocol's curves and the command line that reproduces the result.
         options: overrides of the config's ``eval`` options.
+        plots: with ``out``, draw the protocol's curves beside the JSON (``pr_curve.png`` for COCO
+            protocols, ``cmc.png`` for re-id; they need matplotlib, the ``viz`` extra). The names are
+            fixed, so give each evaluation its own folder to keep its plots.
     Returns the result on rank 0, None on other ranks.
     """
     base, tag = split_name(name)
@@ -188,6 +224,9 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps({**result.to_json(), "seconds": time.perf_counter() - start}, indent=2))
+        drawn = _write_plots(protocol.curves, out.parent) if plots else {}
+        record = {**result.to_json(), "seconds": time.perf_counter() - start, "curves": protocol.curves,
+                  "plots": drawn, "command": _command(name, Path(data_dir), weights, batch_size, limit, options)}
+        atomic_write_text(out, json.dumps(record, indent=2))
         atomic_write_text(out.with_suffix(".md"), result.table() + "\n")
     return result
