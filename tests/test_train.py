@@ -19,6 +19,8 @@ from zoo.errors import DatasetError
 from zoo.registry import model_info
 from zoo.train import ReidTask, VideoTask, build_task, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLS = ("sasa_resnet26_convstem", dict(num_classes=10, width_div=16, heads=1, kernel_size=3), {"input_size": [32, 32]})
 REID = ("rga_sc_resnet50", dict(num_classes=6, height=64, width=32, width_div=16, cha_ratio=2, spa_ratio=2,
                                 down_ratio=2), None)
@@ -34,14 +36,6 @@ CASES = {"classification": (CLS, "shapes-cls"), "reid": (REID, "shapes-reid"), "
 def _skip_unregistered(name: str) -> None:
     if name not in zoo.list_models():
         pytest.skip(f"{name} is not registered (yet)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("matplotlib")
 
+from conftest import picture  # noqa: E402
 from zoo.cli import main  # noqa: E402
-from zoo.data.synthetic import make_dataset  # noqa: E402
 from zoo.eval.runner import evaluate  # noqa: E402
 from zoo.hub import check_out_dir  # noqa: E402
 from zoo.train import train  # noqa: E402
@@ -19,41 +19,15 @@ from zoo.viz.curves import average_precision_per_iou, plot_cmc, plot_loss, plot_
 from zoo.viz.figure import figure_png  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    made = {}
-
-    def get(kind, split="val"):
-        if (kind, split) not in made:
-            made[kind, split] = make_dataset(kind, root / f"{kind}-{split}", split=split, seed=0, size="tiny")
-        return made[kind, split]
-
-    return get
-
-
-def _png(path):
-    from PIL import Image
-
-    image = np.asarray(Image.open(path).convert("RGB"))
-    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 16, f"{path} looks blank"
-    return image
-
-
-def test_coco_eval_writes_a_pr_curve_that_agrees_with_its_ap(tiny, tmp_path):
+def test_coco_eval_writes_a_pr_curve_that_agrees_with_its_ap(tiny_dataset, tmp_path):
     out = tmp_path / "detr" / "eval.json"
-    result = evaluate("detr_irpe_mini", tiny("shapes-det"), out=out, progress=False)
+    result = evaluate("detr_irpe_mini", tiny_dataset("shapes-det"), out=out, progress=False)
     record = json.loads(out.read_text())
     assert set(record["plots"]) == {"pr_curve"} and record["plots"]["pr_curve"]["file"] == "pr_curve.png"
-    _png(out.parent / "pr_curve.png")
+    picture(out.parent / "pr_curve.png")
     curve = record["curves"]["pr_curve"]
     assert len(curve["iou_thresholds"]) == 10 and len(curve["recall"]) == 101
     per_iou = average_precision_per_iou(curve)
@@ -65,20 +39,20 @@ def test_coco_eval_writes_a_pr_curve_that_agrees_with_its_ap(tiny, tmp_path):
 
     # --no-plots: the JSON still holds the curves, nothing is drawn
     bare = tmp_path / "bare" / "eval.json"
-    assert main(["eval", "detr_irpe_mini", "--data", str(tiny("shapes-det")), "--out", str(bare), "--no-plots",
+    assert main(["eval", "detr_irpe_mini", "--data", str(tiny_dataset("shapes-det")), "--out", str(bare), "--no-plots",
                  "--no-progress", "--limit", "4"]) == 0
     assert not (bare.parent / "pr_curve.png").exists()
     assert json.loads(bare.read_text())["plots"] == {}
 
 
-def test_reid_eval_writes_cmc(tiny, tmp_path):
+def test_reid_eval_writes_cmc(tiny_dataset, tmp_path):
     out = tmp_path / "eval.json"
-    result = evaluate("rga_sc_mini", tiny("shapes-reid"), out=out, progress=False)
+    result = evaluate("rga_sc_mini", tiny_dataset("shapes-reid"), out=out, progress=False)
     record = json.loads(out.read_text())
     cmc = record["curves"]["cmc"]
     assert cmc["cmc"][0] == pytest.approx(result.metrics["rank1"]) and cmc["mAP"] == pytest.approx(result.metrics["mAP"])
     assert all(a <= b + 1e-9 for a, b in zip(cmc["cmc"], cmc["cmc"][1:]))  # cumulative
-    _png(tmp_path / "cmc.png")
+    picture(tmp_path / "cmc.png")
     assert record["plots"]["cmc"]["file"] == "cmc.png"
 
 
@@ -104,8 +78,8 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_train_writes_loss_png_and_validation_curves(tiny, tmp_path):
-    data = tiny("shapes-cls", "all")
+def test_train_writes_loss_png_and_validation_curves(tiny_dataset, tmp_path):
+    data = tiny_dataset("shapes-cls", "all")
     args = dict(epochs=2, batch_size=8, lr=1e-3, seed=0, limit=16, preprocessing={"input_size": [32, 32]}, log=None,
                 **CLS)
     scores = []
@@ -119,8 +93,8 @@ def test_train_writes_loss_png_and_validation_curves(tiny, tmp_path):
     out = train("sasa_resnet26_convstem", data, tmp_path / "validated", validate=validate, **args)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["val_metrics_per_epoch"] == {"top1": [10.0, 20.0], "top5": [50.0, 50.0]}
-    _png(out / "loss.png")
-    _png(out / "metrics.png")
+    picture(out / "loss.png")
+    picture(out / "metrics.png")
     plain = train("sasa_resnet26_convstem", data, tmp_path / "plain", plots=False, **args)
     assert not (plain / "loss.png").exists()
     # validating (the protocol's DataLoader draws from torch's generator) leaves the training run alone
@@ -131,12 +105,12 @@ def test_train_writes_loss_png_and_validation_curves(tiny, tmp_path):
     assert (out / "loss.png").is_file() and not (out / "metrics.png").exists()
 
 
-def test_cli_train_validate(tiny, tmp_path, capsys):
-    data = tiny("shapes-cls", "all")
+def test_cli_train_validate(tiny_dataset, tmp_path, capsys):
+    data = tiny_dataset("shapes-cls", "all")
     out = tmp_path / "m"
     assert main(["train", "sasa_resnet_mini", "--data", str(data), "--out", str(out), "--epochs", "1",
                  "--batch-size", "8", "--limit", "8", "--validate"]) == 0
     record = json.loads((out / "config.json").read_text())["train"]
     assert set(record["val_metrics_per_epoch"]) == {"top1", "top5"}
     assert "top1" in capsys.readouterr().out  # the epoch line shows the validation metrics
-    _png(out / "metrics.png")
+    picture(out / "metrics.png")

@@ -4,7 +4,6 @@ output (rebuilt from the map), against the public op that defines it, or against
 
 Small layers and models only, one torch thread.
 """
-import io
 import math
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch import nn
 
 pytest.importorskip("matplotlib")
 
+from conftest import picture  # noqa: E402
 from zoo.layers.irpe import METHOD, get_bucket_ids_2d, iRPE, iRPE_Cross, get_single_rpe_config  # noqa: E402
 from zoo.layers.rga import RGA_Module  # noqa: E402
 from zoo.layers.rpa import (MultiheadNonlocal2d, relative_attend_query_reference,  # noqa: E402
@@ -28,23 +28,11 @@ from zoo.viz.maps import (CrossMaps, IRPEMaps, RGAMaps, RPAMaps, RSAMaps, SASAMa
                           bucket_map, grid_cell)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def assert_non_blank(fig, min_colors=16):
-    """A PNG that is not one flat colour: enough distinct colours and spread."""
-    from PIL import Image
-
-    image = np.asarray(Image.open(io.BytesIO(figure_png(fig))).convert("RGB"))
-    assert image.shape[0] > 100 and image.shape[1] > 100
-    colors = len(np.unique(image.reshape(-1, 3), axis=0))
-    assert colors >= min_colors, f"only {colors} colours"
-    assert image.std() > 10
+def assert_non_blank(fig):
+    picture(figure_png(fig))
 
 
 def _rpe(method, ratio=2.0, mode="bias"):
@@ -144,7 +132,7 @@ def test_rga_maps_rebuild_the_module_output(spatial, channel):
     if spatial:
         assert_non_blank(plots.plot_spatial_attention(np.random.rand(24, 16, 3), {"m": maps}))
     if channel:
-        assert_non_blank(plots.plot_channel_attention({"m": maps}), min_colors=4)
+        assert_non_blank(plots.plot_channel_attention({"m": maps}))
 
 
 # =============================================================================================

@@ -2,52 +2,36 @@
 that folder, rendered in headless Chromium (Debian's chromium, which .ci/run installs): no console error,
 every image loaded, a screenshot that is not blank, and the family filter works without a script.
 """
-import io
 import json
 import shutil
 
-import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("matplotlib")
 
 import zoo  # noqa: E402
 from _chromium import Chromium, chromium_binary, running_in_ci  # noqa: E402
+from conftest import picture  # noqa: E402
 from zoo.cli import main  # noqa: E402
-from zoo.data.synthetic import make_dataset  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
 from zoo.eval.runner import evaluate  # noqa: E402
 from zoo.viz.site import SITE_MARKER, build_site  # noqa: E402
 from zoo.viz.visualize import MANIFEST  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_dataset):
     """A results folder as a user makes it: one evaluation and one visualisation of rga_sc_mini."""
     root = tmp_path_factory.mktemp("results")
-    data = make_dataset("shapes-reid", root.parent / "reid-data", split="val", seed=0, size="tiny")
+    data = tiny_dataset("shapes-reid")
     evaluate("rga_sc_mini", data, out=root / "rga_sc_mini" / "eval.json", progress=False)
     image = sorted((data / "query").glob("*.jpg"))[0]
     assert main(["visualize", "rga_sc_mini", "--image", str(image), "--out", str(root / "viz" / "rga"),
                  "--point", "0.3", "0.5"]) == 0
     return root
-
-
-def _non_blank(png: bytes) -> np.ndarray:
-    from PIL import Image
-
-    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 16
-    return image
 
 
 def test_visualize_writes_every_figure_and_an_index(results):
@@ -59,7 +43,7 @@ def test_visualize_writes_every_figure_and_an_index(results):
     html = (folder / "index.html").read_text()
     for file in files:
         assert f'src="{file}"' in html
-        _non_blank((folder / file).read_bytes())
+        picture((folder / file).read_bytes())
     # a folder that is not an earlier visualisation is not replaced; a video model needs --video
     other = results / "not-viz"
     other.mkdir()
@@ -71,8 +55,8 @@ def test_visualize_writes_every_figure_and_an_index(results):
 
 
 @pytest.mark.slow
-def test_visualize_a_video_model(tmp_path):
-    data = make_dataset("moving-shapes", tmp_path / "video", split="val", seed=0, size="tiny")
+def test_visualize_a_video_model(tmp_path, tiny_dataset):
+    data = tiny_dataset("moving-shapes")
     frames = sorted(data.rglob("img_00001.jpg"))[0].parent
     model = zoo.create_model("rsanet_mini", pretrained=True)
     from zoo.viz.visualize import visualize
@@ -82,7 +66,7 @@ def test_visualize_a_video_model(tmp_path):
     kernels = [f["file"] for f in manifest["figures"] if f["family"] == "rsa" and f["file"] != "input.png"]
     assert len(kernels) == 3  # one per RSA layer of the mini (stages 1-3)
     for file in kernels:
-        _non_blank((index.parent / file).read_bytes())
+        picture((index.parent / file).read_bytes())
 
 
 def test_site_pages(results, tmp_path):
@@ -146,7 +130,7 @@ def test_site_in_headless_chromium(results, tmp_path):
             assert report.errors == [], f"{path}: {report.errors}"
             broken = [src for src, complete, width in report.images if not (complete and width > 0)]
             assert not broken, f"{path}: images that did not load: {broken}"
-            _non_blank(report.screenshot)
+            picture(report.screenshot)
         assert len(browser.load(pages[1]).images) >= 4
         # the filter is CSS only: choosing a family hides the other families' rows
         browser.load(pages[0])

@@ -366,8 +366,8 @@ def _sasa_maps(layer: Union[SASAttention2d, AttentionConv], x: Tensor, point) ->
     without = _window_probabilities(q, keys, None, k, offset)
     relative = torch.einsum("gd,gtd->gt", q, rel).view(-1, k, k)
     if isinstance(layer, SASAttention2d) and layer.padding_mode == "mask":
-        rows = torch.arange(k).view(k, 1) + offset[0]
-        cols = torch.arange(k).view(1, k) + offset[1]
+        rows = torch.arange(k, device=relative.device).view(k, 1) + offset[0]
+        cols = torch.arange(k, device=relative.device).view(1, k) + offset[1]
         outside = (rows < 0) | (rows >= keys.shape[1]) | (cols < 0) | (cols >= keys.shape[2])
         relative = relative.masked_fill(outside, float("nan"))
     return SASAMaps(tuple(queries.shape[-2:]), (i, j), attention, without, relative)

@@ -344,8 +344,9 @@ def plot_local_attention(image: Optional[np.ndarray], maps: SASAMaps, title: str
     from matplotlib.patches import Rectangle
 
     heads, k, _ = maps.attention.shape
-    fig = new_figure(1.2 * heads * (k + 1) / 3 + 3.6, 6.6)
-    grid = fig.add_gridspec(3, 2, width_ratios=[1.0, max(1.0, heads * (k + 1) / k / 1.6)])
+    mosaic_width = 1.5 * (heads * (k + 1) - 1) / k  # inches, for rows 1.5 inches high
+    fig = new_figure(3.0 + mosaic_width + 1.2, 6.6)
+    grid = fig.add_gridspec(3, 2, width_ratios=[3.0, mosaic_width + 1.2])
     if image is not None:
         ax = fig.add_subplot(grid[:, 0])
         ax.imshow(image)
