@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from zoo.data.synthetic import DATASETS, SIZES, SPLITS, SUMMARIES, make_dataset, summary
 from zoo.errors import ZooError
 from zoo.eval import DEFAULT_BATCH_SIZE
-from zoo.registry import format_info, list_models, model_info
+from zoo.registry import format_info, list_models, model_info, split_name
 
 __all__ = ["main", "build_parser", "format_info"]
 
@@ -144,8 +144,9 @@ def _cmd_visualize(args) -> int:
     from zoo.viz.visualize import visualize
 
     model = create_model(args.name, pretrained=args.weights is None, weights=args.weights).to(args.device)
+    shown = args.weights or split_name(args.name)[1] or model_info(args.name).default_weights  # for the page
     index = visualize(model, args.name, args.out, image=args.image, video=args.video, point=args.point,
-                      frame=args.frame, weights=args.weights or args.name.partition(".")[2] or None)
+                      frame=args.frame, weights=shown)
     print(f"wrote {index}")
     return 0
 

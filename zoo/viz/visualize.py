@@ -187,10 +187,11 @@ def visualize(model: nn.Module, name: Union[str, ModelConfig], out: Union[str, o
     _check_out(out)
     x, shown = prepare_input(cfg, image=image, video=video)
     maps = attention_maps(model, x, point=point, frame=frame)
+    middle = len(shown) // 2 if frame is None else min(max(int(frame), 0), len(shown) - 1)
     figures = [Figure("input.png", "input", "The input as the model sees it (resized and cropped as its "
-                      "evaluation does; the normalisation undone)" + (f", frame {len(shown) // 2} of {len(shown)}"
+                      "evaluation does; the normalisation undone)" + (f", frame {middle} of {len(shown)}"
                                                                        if len(shown) > 1 else "") + ".",
-                      cfg.family, plot_input(shown[len(shown) // 2]))] + figures_of(maps, cfg, shown)
+                      cfg.family, plot_input(shown[middle]))] + figures_of(maps, cfg, shown)
     manifest = {"model": cfg.name, "family": cfg.family, "weights": weights, "input": str(video or image),
                 "point": list(point), "frame": frame,
                 "figures": [{k: v for k, v in vars(f).items() if k != "figure"} for f in figures]}
