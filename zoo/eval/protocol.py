@@ -11,7 +11,8 @@ import importlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from zoo.config import ModelConfig
+from zoo.config import ModelConfig, PretrainedCfg
+from zoo.data.config import create_transform, resolve_data_config
 from zoo.errors import ConfigError
 
 # Protocol name -> module defining it; imported only when the protocol is asked for,
@@ -39,6 +40,10 @@ class Protocol:
     name: str = ""
     #: Which dataset the numbers belong to (matched against ``ReportedMetric.dataset``); None = any.
     dataset_name: Optional[str] = None
+    #: Which split of it is evaluated (compared with ``ReportedMetric.split``); None = not stated.
+    split: Optional[str] = None
+    #: ``{class id: {metric: value}}`` of the last :meth:`compute`, where the protocol has per-class numbers.
+    per_class_metrics: dict = {}
 
     def __init__(self, data_dir: Path, model_config: ModelConfig, options: dict, limit: Optional[int] = None):
         self.data_dir = Path(data_dir)
@@ -59,8 +64,19 @@ class Protocol:
         raise NotImplementedError
 
     def compute(self, predictions: list) -> dict[str, float]:
-        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units."""
+        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units (and,
+        where the protocol has them, :attr:`per_class_metrics`)."""
         raise NotImplementedError
+
+    def class_names(self) -> dict[int, str]:
+        """The dataset's own names of its class ids, where it has them (COCO categories, class folders)."""
+        return {}
+
+    def eval_transform(self, **overrides):
+        """The evaluation transform of the model config's preprocessing with ``overrides`` (timm's key names),
+        made by :func:`zoo.data.resolve_data_config` and :func:`zoo.data.create_transform`."""
+        config = resolve_data_config(pretrained_cfg=PretrainedCfg.build(self.model_config), **overrides)
+        return create_transform(config)
 
 
 def register_protocol(name: str):

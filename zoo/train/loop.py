@@ -29,15 +29,13 @@ import torch
 
 from zoo.data.synthetic import MARKER
 from zoo.factory import create_model
-from zoo.hub import model_card, write_model_folder
+from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
+from zoo.paths import progress_bar
 from zoo.registry import model_info, split_name
 from zoo.train.tasks import DetrTask, ReidTask, TrainTask, build_task
 
 __all__ = ["train"]
 
-# Constructor kwargs that fetch something on construction: a trained folder must not record them,
-# or loading it would download ImageNet weights only to overwrite them.
-_DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 
 # =============================================================================================
@@ -46,7 +44,7 @@ _DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 def _json_kwargs(kwargs: dict) -> dict:
     """Constructor kwargs as recorded in config.json (JSON types only; no download-on-build flags)."""
-    out = {k: (False if k in _DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
+    out = {k: (False if k in DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
     for key, value in out.items():
         try:
             json.dumps(value)
@@ -176,7 +174,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         say(f"training {base} on {data_dir} ({task.protocol}, {len(task)} samples, {steps_per_epoch} steps/epoch)")
         for epoch in range(epochs):
             start, losses = time.perf_counter(), []
-            for batch in task.batches(epoch):
+            for batch in progress_bar(task.batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                                      unit="step"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total_steps, lr_schedule)
                 loss = task.loss(model, batch, device)
