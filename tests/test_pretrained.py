@@ -29,14 +29,6 @@ FULL = {"detr_r50_irpe": {}, "deit_tiny_patch16_224_ctx_product_50_shared_k": {}
 CLASSIFIERS = ["rga_sc_mini", "rsanet_mini", "sasa_resnet_mini"]  # minis with the classifier API's pooled head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def minis():
     """Each mini with its committed weights, in eval mode."""

@@ -99,7 +99,7 @@ def _cmd_train(args) -> int:
     out = train(args.name, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
-                preprocessing=preprocessing, **overrides)
+                preprocessing=preprocessing, weights=args.weights, **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="train on the first N samples only")
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--weights", help="fine-tune these weights (a tag, path, URL or hf://) instead of starting from "
+                                     "scratch; with --kwargs '{\"num_classes\": N}' the classifier starts new")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_cmd_train)

@@ -123,8 +123,9 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
           lr: float, seed: int = 0, limit: Optional[int] = None, device: Union[str, torch.device] = "cpu",
           weight_decay: float = 1e-4, lr_schedule: str = "cosine", max_grad_norm: Optional[float] = None,
           num_instances: int = 4, preprocessing: Optional[Mapping] = None,
-          log: Optional[Callable[[str], None]] = print, **model_overrides) -> Path:
-    """Train the registered model ``name`` from scratch on ``data_dir`` and write it to ``out_dir``.
+          log: Optional[Callable[[str], None]] = print, weights: Optional[str] = None, **model_overrides) -> Path:
+    """Train the registered model ``name`` on ``data_dir`` (from scratch, or fine-tune ``weights``) and
+    write it to ``out_dir``.
 
     Args:
         name: a registered model (no ``.tag``: training starts from the constructor's initialisation).
@@ -141,13 +142,17 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         preprocessing: fields overriding the config's :class:`~zoo.config.Preprocessing`
             (e.g. ``{"input_size": [64, 32]}``).
         log: called with one line per epoch (None: silent).
+        weights: start from these weights (a tag of the model's config, a path, URL or ``hf://``)
+            instead of the constructor's initialisation; with ``num_classes`` in ``model_overrides``
+            the classifier starts new (:func:`zoo.create_model`'s rule): fine-tuning to other classes.
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}')")
+        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+                         f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -160,7 +165,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
     say = log or (lambda line: None)
 
     with _Deterministic(seed, device):
-        model = create_model(base, **model_overrides).to(device)
+        model = create_model(base, weights=weights, **model_overrides).to(device)
+        kwargs = _json_kwargs(model.pretrained_cfg.model_kwargs)  # with what a weights folder recorded
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
                           preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs)
@@ -201,8 +207,11 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
               "loss_per_epoch": [round(x, 6) for x in history], "torch": torch.__version__}
     if isinstance(task, ReidTask):
         record["num_instances"] = num_instances
+    if weights is not None:
+        record["initial_weights"] = str(weights)
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
-    origin = (f"Trained from scratch by `python -m zoo train {base}` on `{record['dataset']['name']}` "
+    start = f"from the `{weights}` weights" if weights is not None else "from scratch"
+    origin = (f"Trained {start} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
               f"({task.protocol} format, {len(task)} samples) for {epochs} epochs, seed {seed}; "
               f"final training loss {history[-1]:.4f}. Training hyper-parameters are in config.json.")
     return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)))
