@@ -35,6 +35,8 @@ class CocoProtocol(Protocol):
     numpy arrays (``boxes`` (Q, 4) xywh in original pixels, ``scores`` (Q,), ``labels`` (Q,)).
     """
 
+    task = "detection"
+
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
         super().__init__(data_dir, model_config, options, limit)
         self.split = str(self.options.pop("split", "val2017"))

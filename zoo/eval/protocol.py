@@ -42,6 +42,8 @@ class Protocol:
     dataset_name: Optional[str] = None
     #: Which split of it is evaluated (compared with ``ReportedMetric.split``); None = not stated.
     split: Optional[str] = None
+    #: The input pipeline the protocol feeds (a task of :data:`zoo.data.config.TASK_KINDS`).
+    task: str = "image classification"
     #: ``{class id: {metric: value}}`` of the last :meth:`compute`, where the protocol has per-class numbers.
     per_class_metrics: dict = {}
 
@@ -73,9 +75,10 @@ class Protocol:
         return {}
 
     def eval_transform(self, **overrides):
-        """The evaluation transform of the model config's preprocessing with ``overrides`` (timm's key names),
-        made by :func:`zoo.data.resolve_data_config` and :func:`zoo.data.create_transform`."""
-        config = resolve_data_config(pretrained_cfg=PretrainedCfg.build(self.model_config), **overrides)
+        """The evaluation transform of :attr:`task` with the model config's preprocessing and ``overrides``
+        (timm's key names), made by :func:`zoo.data.resolve_data_config` and :func:`zoo.data.create_transform`."""
+        config = resolve_data_config(pretrained_cfg=PretrainedCfg.build(self.model_config),
+                                     **{"task": self.task, **overrides})
         return create_transform(config)
 
 

@@ -277,6 +277,8 @@ class ReidProtocol(Protocol):
             for another size).
     """
 
+    task = "person re-identification"
+
     _KNOWN = {"dataset", "legacy_sklearn", "separate_camera_set", "single_gallery_shot", "first_match_break",
               "keep_junk", "input_size", "seed"}
 

@@ -37,6 +37,8 @@ class SSVProtocol(Protocol):
     Samples: ``(clips, 3T, crop, crop)`` tensors; the model gets ``(B * clips, 3T, crop, crop)``.
     """
 
+    task = "video classification"
+
     _KNOWN = {"dataset", "split", "list_file", "num_frames", "clips", "resize", "crop", "prefix"}
 
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
