@@ -241,3 +241,30 @@ def test_deterministic_mode_restores_what_it_changes(monkeypatch):
     with _Deterministic(seed=3):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_fine_tuning_pretrained_weights_on_new_classes(tmp_path):
+    """`zoo train NAME --weights TAG --kwargs '{"num_classes": 5}'` on 5 classes: every parameter but the
+    classifier starts from the weights, the classifier starts new, and the result loads back with 5 classes."""
+    import shutil
+
+    import zoo
+    from zoo.data.synthetic import make_dataset
+    from zoo.train import train
+
+    shapes = make_dataset("shapes-cls", tmp_path / "shapes", split="all", seed=0, size="tiny")
+    for split in ("train", "val"):  # five of the ten shapes: a new task
+        for folder in sorted((shapes / split).iterdir())[:5]:
+            shutil.copytree(folder, tmp_path / "five" / split / folder.name)
+    pretrained = zoo.create_model("sasa_resnet_mini", pretrained=True)
+    out = train("sasa_resnet_mini", tmp_path / "five", tmp_path / "tuned", epochs=1, batch_size=5, lr=1e-9, seed=0,
+                weights="synthetic", log=None, num_classes=5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["initial_weights"] == "synthetic" and config["kwargs"]["num_classes"] == 5
+    assert config["kwargs"]["zero_init_residual"] is True  # recorded by the weights folder, kept
+    tuned = zoo.create_model("sasa_resnet_mini", weights=out)
+    assert tuned.fc.weight.shape == (5, 256)
+    start = dict(pretrained.named_parameters())
+    for key, value in tuned.named_parameters():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(value, start[key], atol=1e-6, rtol=0, msg=key)  # a tiny lr: they barely moved

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from zoo.data.synthetic import DATASETS, SIZES, SPLITS, SUMMARIES, make_dataset, summary
 from zoo.errors import ZooError
 from zoo.eval import DEFAULT_BATCH_SIZE
+from zoo.paths import disable_progress_bars
 from zoo.registry import format_info, list_models, model_info, split_name
 
 __all__ = ["main", "build_parser", "format_info"]
@@ -49,8 +50,9 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from zoo.export import export_model
 
-    out = export_model(args.name, args.out, weights=args.weights)
-    print(f"exported {args.name} -> {out}")
+    out = export_model(args.name, args.out, weights=args.weights, repo_id=args.push or args.repo_id,
+                       eval_results=args.eval_results, push=bool(args.push))
+    print(f"exported {args.name} -> {out}" + (f" and pushed to hf://{args.push}" if args.push else ""))
     return 0
 
 
@@ -81,8 +83,7 @@ def _cmd_eval(args) -> int:
 
     options = json.loads(args.options) if args.options else None
     result = evaluate(args.name, args.data, weights=args.weights, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device, limit=args.limit, out=args.out, options=options,
-                      progress=not args.no_progress, plots=not args.no_plots)
+                      device=args.device, limit=args.limit, out=args.out, options=options, plots=not args.no_plots)
     if result is not None:
         print(result.table())
     return 0
@@ -105,7 +106,8 @@ def _cmd_train(args) -> int:
     out = train(args.name, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
-                preprocessing=preprocessing, plots=not args.no_plots, validate=validate, **overrides)
+                preprocessing=preprocessing, plots=not args.no_plots, validate=validate, weights=args.weights,
+                **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -126,8 +128,7 @@ def _cmd_demo(args) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = run_demo(Path(args.data_root) if args.data_root else None, args.models or None,
-                    batch_size=args.batch_size, progress=args.progress,
-                    log=(lambda line: print(line, file=sys.stderr)))
+                    batch_size=args.batch_size, progress=True, log=(lambda line: print(line, file=sys.stderr)))
     print(format_table(rows))
     print(f"\n{len({r.model for r in rows})} models in {time.perf_counter() - start:.0f} s")
     if args.check:
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="model or model.tag")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", help="weights source (default: the tag's or default weights; random if none)")
+    p.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the folder is for (its source and usage line)")
+    p.add_argument("--eval-results", metavar="FILE", help="a `zoo eval --out` JSON: its metrics go into the card")
+    p.add_argument("--push", metavar="ORG/NAME", help="also upload the folder to this Hub repo (HF_TOKEN, HF_ENDPOINT)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="run a model on one image", description="Run a model on an image and draw the result.")
@@ -220,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (a quick, partial check)")
     p.add_argument("--out", help="write results as JSON (and a markdown table beside it)")
     p.add_argument("--options", help="JSON overrides of the protocol options")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help="the same as --quiet")
+    p.set_defaults(quiet=False)
     p.add_argument("--no-plots", action="store_true",
                    help="with --out, do not draw pr_curve.png (COCO) / cmc.png (re-id) beside the JSON")
     p.set_defaults(func=_cmd_eval)
@@ -244,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="train on the first N samples only")
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--weights", help="fine-tune these weights (a tag, path, URL or hf://) instead of starting from "
+                                     "scratch; with --kwargs '{\"num_classes\": N}' the classifier starts new")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--validate", action="store_true",
@@ -252,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="do not draw loss.png (and metrics.png) into --out")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("data", help="generate the synthetic mini datasets",
-                       description="Synthetic datasets in the original datasets' on-disk formats.")
+    data = p = sub.add_parser("data", help="generate the synthetic mini datasets",
+                              description="Synthetic datasets in the original datasets' on-disk formats.")
     actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = actions.add_parser("make", help="write a synthetic dataset",
                            description="Write a synthetic dataset (deterministic: the same seed gives the same "
@@ -278,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="the reported numbers were measured at the default (detection numbers vary a little with it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
+    p.add_argument("--progress", action="store_true",
+                   help="(the default on a terminal now: progress bars show unless --quiet)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
@@ -308,12 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="a folder searched for `zoo eval --out` results (and the plots beside them) "
                                       "and `zoo visualize --out` folders")
     p.set_defaults(func=_cmd_site)
+    for command in [*sub.choices.values(), *actions.choices.values()]:
+        if command is not data:  # `data` only holds its actions
+            command.add_argument("--quiet", action="store_true",
+                                 help="no progress bars (shown by default on a terminal, on stderr)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        disable_progress_bars()
     try:
         return args.func(args)
     except ZooError as exc:

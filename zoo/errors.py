@@ -34,6 +34,10 @@ class OfflineError(WeightsError):
     """Offline mode is on and the file is not in the cache."""
 
 
+class UploadError(ZooError):
+    """An upload to the Hugging Face Hub that the Hub refused or that could not reach it."""
+
+
 class CheckpointError(ZooError):
     """A checkpoint that is corrupt, truncated, of an unknown format or holds a refused pickle global."""
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from zoo.data.coco import CocoDetection
-from zoo.data.transforms import detection_eval_transform
 from zoo.errors import DatasetError
 from zoo.eval.protocol import Protocol, register_protocol
 from zoo.models.detr import PostProcess
@@ -29,12 +28,14 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 class CocoProtocol(Protocol):
     """COCO detection. Options: ``split`` ('val2017'), ``dataset`` (the name reported rows are matched
     by; default ``coco_<split>``, another for COCO-format data that is not COCO). Preprocessing from the model config
-    (:func:`zoo.data.transforms.detection_eval_transform`): ``resize_shorter`` (800), ``max_size`` (1333), ``mean``,
-    ``std``, ``interpolation``.
+    (:meth:`Protocol.eval_transform`: DETR's resize): ``resize_shorter`` (800), ``max_size`` (1333), ``mean``,
+    ``std``, ``interpolation``. Per class: AP and AP50 of each category.
 
     Samples are ``(image (3, H, W), {"image_id", "orig_size": (h, w)})``; predictions are dicts of
     numpy arrays (``boxes`` (Q, 4) xywh in original pixels, ``scores`` (Q,), ``labels`` (Q,)).
     """
+
+    task = "detection"
 
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
         super().__init__(data_dir, model_config, options, limit)
@@ -42,7 +43,7 @@ class CocoProtocol(Protocol):
         self.dataset_name = str(self.options.pop("dataset", f"coco_{self.split}"))
         if self.options:
             raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
-        self.transform = detection_eval_transform(model_config.preprocessing)
+        self.transform = self.eval_transform()
         self._dataset: Optional[CocoDetection] = None
 
     def dataset(self) -> CocoDetection:
@@ -78,7 +79,11 @@ class CocoProtocol(Protocol):
             raise DatasetError(f"coco protocol: no images were evaluated in {self.data_dir}")
         evaluator = coco_evaluate(self.dataset().coco, predictions)
         self.curves = {"pr_curve": pr_curve(evaluator)}
+        self.per_class_metrics = per_category_ap(evaluator)
         return box_ap(evaluator)
+
+    def class_names(self) -> dict[int, str]:
+        return {int(c["id"]): str(c["name"]) for c in self.dataset().coco.dataset.get("categories", [])}
 
 
 def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
@@ -117,6 +122,18 @@ def coco_evaluate(coco_gt, predictions: list):
         evaluator.accumulate()
         evaluator.summarize()
     return evaluator
+
+
+def per_category_ap(evaluator) -> dict[int, dict[str, float]]:
+    """AP and AP50 (percent) of each category with ground truth among the evaluated images."""
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recalls, categories, areas, max detections)
+    out = {}
+    for k, category in enumerate(evaluator.params.catIds):
+        every, at50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]  # area 'all', 100 detections
+        if (every > -1).any():
+            out[int(category)] = {"AP": 100.0 * float(every[every > -1].mean()),
+                                  "AP50": 100.0 * float(at50[at50 > -1].mean()) if (at50 > -1).any() else 0.0}
+    return out
 
 
 def box_ap(evaluator) -> dict[str, float]:

@@ -8,6 +8,7 @@ single-process run's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -32,6 +33,8 @@ from zoo.registry import model_info, split_name
 from zoo.viz.curves import write_eval_plots
 from zoo.viz.figure import matplotlib_available
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class MetricRow:
@@ -40,6 +43,7 @@ class MetricRow:
     reported: Optional[float] = None
     difference: Optional[float] = None
     source: str = ""
+    not_comparable: str = ""  # why the reported number is not comparable (another split or sample count, --limit)
 
 
 @dataclass
@@ -52,15 +56,26 @@ class EvalResult:
     limited: bool
     rows: list = field(default_factory=list)  # MetricRow
     metrics: dict = field(default_factory=dict)
+    split: Optional[str] = None
+    warnings: list = field(default_factory=list)  # why the reported numbers are not comparable, one line each
+    per_class: list = field(default_factory=list)  # {"class_id", "label", metric: value, ...} where the protocol has them
 
     def table(self) -> str:
-        """Markdown table: metric | reported | reproduced | difference | source."""
+        """Markdown table: metric | reported | reproduced | difference | source (and one per class, when known)."""
         fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-        lines = [f"{self.model} ({self.weights or 'given weights'}) on {self.dataset or self.protocol}: "
-                 f"{self.num_samples} samples" + (" (--limit: a partial evaluation, not comparable)" if self.limited else ""),
-                 "", "| metric | reported | reproduced | difference | source |", "|---|---|---|---|---|"]
+        split = f" {self.split}" if self.split else ""
+        lines = [f"{self.model} ({self.weights or 'given weights'}) on {self.dataset or self.protocol}{split}: "
+                 f"{self.num_samples} samples" + (" (--limit: a partial evaluation, not comparable)" if self.limited else "")]
+        lines += [f"**not comparable**: {warning}" for warning in self.warnings]
+        lines += ["", "| metric | reported | reproduced | difference | source |", "|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r.metric} | {fmt(r.reported)} | {fmt(r.reproduced)} | {fmt(r.difference)} | {r.source} |")
+            difference = "not comparable" if r.not_comparable else fmt(r.difference)
+            lines.append(f"| {r.metric} | {fmt(r.reported)} | {fmt(r.reproduced)} | {difference} | {r.source} |")
+        if self.per_class:
+            names = [key for key in self.per_class[0] if key not in ("class_id", "label")]
+            lines += ["", "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            lines += [f"| {row['class_id']} {row['label']} | " + " | ".join(fmt(row[n]) for n in names) + " |"
+                      for row in self.per_class]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -94,15 +109,38 @@ def finish_distributed() -> None:
     _we_initialised = False
 
 
-def _compare(metrics: dict[str, float], reported: list[ReportedMetric], dataset: Optional[str]) -> list[MetricRow]:
+def _compare(metrics: dict[str, float], reported: list[ReportedMetric], dataset: Optional[str], *,
+             split: Optional[str] = None, num_samples: Optional[int] = None, limited: bool = False) -> list[MetricRow]:
+    """Rows of reproduced vs reported; a row whose reported number was measured on another split or
+    sample count (or a --limit run) says so in ``not_comparable``."""
     rows = []
     for metric, value in metrics.items():
         match = next((r for r in reported if r.metric == metric and (dataset is None or r.dataset == dataset)), None)
         if match is None:
             rows.append(MetricRow(metric, value))
+            continue
+        source = match.source + ("" if match.verified else " (unverified)")
+        reasons = []
+        if match.split is not None and split is not None and match.split != split:
+            reasons.append(f"reported on split '{match.split}', evaluated on '{split}'")
+        if match.num_samples is not None and num_samples is not None and match.num_samples != num_samples:
+            reasons.append(f"reported on {match.num_samples} samples, evaluated on {num_samples}")
+        if limited:
+            reasons.append("a --limit run")
+        rows.append(MetricRow(metric, value, match.value, value - match.value, source, "; ".join(reasons)))
+    return rows
+
+
+def _per_class_rows(protocol: Protocol, label_names: Optional[tuple[str, ...]]) -> list[dict]:
+    """The protocol's per-class numbers with each class's name: the weights' label names, else the dataset's own."""
+    dataset_names = protocol.class_names() if protocol.per_class_metrics else {}
+    rows = []
+    for class_id, values in sorted(protocol.per_class_metrics.items()):
+        if label_names is not None and 0 <= class_id < len(label_names):
+            label = label_names[class_id]
         else:
-            source = match.source + ("" if match.verified else " (unverified)")
-            rows.append(MetricRow(metric, value, match.value, value - match.value, source))
+            label = dataset_names.get(class_id, f"class {class_id}")
+        rows.append({"class_id": class_id, "label": label, **values})
     return rows
 
 
@@ -216,9 +254,16 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     if rank != 0:
         return None
     shown = min(num_samples, limit) if limit else num_samples
+    rows = _compare(metrics, cfg.reported_for(tag), protocol.dataset_name, split=protocol.split, num_samples=shown,
+                    limited=limit is not None)
+    warnings = sorted({row.not_comparable for row in rows if row.not_comparable})
+    label_names = getattr(getattr(model, "pretrained_cfg", None), "label_names", None)
     result = EvalResult(model=base, weights=weights or tag or cfg.default_weights, protocol=protocol_name,
                         dataset=protocol.dataset_name, num_samples=shown, limited=limit is not None,
-                        rows=_compare(metrics, cfg.reported_for(tag), protocol.dataset_name), metrics=metrics)
+                        rows=rows, metrics=metrics, split=protocol.split, warnings=warnings,
+                        per_class=_per_class_rows(protocol, label_names))
+    for warning in warnings:
+        logger.warning("not comparable with the reported numbers: %s", warning)
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"non-finite metric from protocol '{protocol_name}': {metrics}")
     if out is not None:

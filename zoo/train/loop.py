@@ -31,7 +31,8 @@ import torch
 
 from zoo.data.synthetic import MARKER
 from zoo.factory import create_model
-from zoo.hub import model_card, write_model_folder
+from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
+from zoo.paths import progress_bar
 from zoo.registry import model_info, split_name
 from zoo.train.tasks import DetrTask, ReidTask, TrainTask, build_task
 from zoo.viz.curves import plot_loss, plot_metrics
@@ -39,9 +40,6 @@ from zoo.viz.figure import figure_png, matplotlib_available
 
 __all__ = ["train"]
 
-# Constructor kwargs that fetch something on construction: a trained folder must not record them,
-# or loading it would download ImageNet weights only to overwrite them.
-_DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 
 # =============================================================================================
@@ -50,7 +48,7 @@ _DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 def _json_kwargs(kwargs: dict) -> dict:
     """Constructor kwargs as recorded in config.json (JSON types only; no download-on-build flags)."""
-    out = {k: (False if k in _DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
+    out = {k: (False if k in DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
     for key, value in out.items():
         try:
             json.dumps(value)
@@ -130,8 +128,10 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
           weight_decay: float = 1e-4, lr_schedule: str = "cosine", max_grad_norm: Optional[float] = None,
           num_instances: int = 4, preprocessing: Optional[Mapping] = None,
           log: Optional[Callable[[str], None]] = print, plots: bool = True,
-          validate: Optional[Callable[[torch.nn.Module], Mapping[str, float]]] = None, **model_overrides) -> Path:
-    """Train the registered model ``name`` from scratch on ``data_dir`` and write it to ``out_dir``.
+          validate: Optional[Callable[[torch.nn.Module], Mapping[str, float]]] = None,
+          weights: Optional[str] = None, **model_overrides) -> Path:
+    """Train the registered model ``name`` on ``data_dir`` (from scratch, or fine-tune ``weights``) and
+    write it to ``out_dir``.
 
     Args:
         name: a registered model (no ``.tag``: training starts from the constructor's initialisation).
@@ -154,13 +154,17 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
             (``python -m zoo train --validate`` passes the model's evaluation protocol on the val split).
             The values per epoch go into config.json and ``metrics.png``. Its random draws do not
             change the training run's.
+        weights: start from these weights (a tag of the model's config, a path, URL or ``hf://``)
+            instead of the constructor's initialisation; with ``num_classes`` in ``model_overrides``
+            the classifier starts new (:func:`zoo.create_model`'s rule): fine-tuning to other classes.
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}')")
+        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+                         f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -177,7 +181,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         plots = False
 
     with _Deterministic(seed, device):
-        model = create_model(base, **model_overrides).to(device)
+        model = create_model(base, weights=weights, **model_overrides).to(device)
+        kwargs = _json_kwargs(model.pretrained_cfg.model_kwargs)  # with what a weights folder recorded
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
                           preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs)
@@ -191,7 +196,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         say(f"training {base} on {data_dir} ({task.protocol}, {len(task)} samples, {steps_per_epoch} steps/epoch)")
         for epoch in range(epochs):
             start, losses = time.perf_counter(), []
-            for batch in task.batches(epoch):
+            for batch in progress_bar(task.batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                                      unit="step"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total_steps, lr_schedule)
                 loss = task.loss(model, batch, device)
@@ -229,8 +235,11 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         drawn["loss.png"] = figure_png(plot_loss(history, step_losses, title=f"{base}: training loss"))
         if validation:
             drawn["metrics.png"] = figure_png(plot_metrics(validation, title=f"{base}: validation after each epoch"))
+    if weights is not None:
+        record["initial_weights"] = str(weights)
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
-    origin = (f"Trained from scratch by `python -m zoo train {base}` on `{record['dataset']['name']}` "
+    start = f"from the `{weights}` weights" if weights is not None else "from scratch"
+    origin = (f"Trained {start} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
               f"({task.protocol} format, {len(task)} samples) for {epochs} epochs, seed {seed}; "
               f"final training loss {history[-1]:.4f}. Training hyper-parameters are in config.json.")
     return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)),
