@@ -22,7 +22,7 @@ import torch
 from onnxscript import opset18 as op
 
 __all__ = ["translation_table", "rpe_index_onnx", "neighborhood_attn_onnx", "relative_attn_onnx",
-           "relative_attend_pairs_onnx", "relative_attend_dot_onnx"]
+           "relative_attend_pairs_onnx", "relative_attend_dot_onnx", "adaptive_max_pool2d_onnx"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +245,41 @@ def relative_attend_dot_onnx(pairs, table, height: int, width: int):
     return op.Einsum(pairs, _pair_table(table, height, width), equation="bij,cij->bci")
 
 
+# ----------------------------------------------------------------------------------------------
+# aten ops the dynamo exporter has no translation for
+# ----------------------------------------------------------------------------------------------
+
+def _adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling windows along one axis: [floor(i n / m), ceil((i + 1) n / m))."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def _max_along(x, axis: int, windows):
+    """Max and first argmax (as an index into ``axis``) over each window along ``axis``, concatenated."""
+    values, indices = [], []
+    for start, end in windows:
+        part = op.Slice(x, _ints([start]), _ints([end]), _ints([axis]))
+        values.append(op.ReduceMax(part, _ints([axis]), keepdims=1))
+        indices.append(op.Add(op.ArgMax(part, axis=axis, keepdims=1), _ints([start])))
+    return op.Concat(*values, axis=axis), op.Concat(*indices, axis=axis)
+
+
+def adaptive_max_pool2d_onnx(x, output_size: Sequence[int]):
+    """``aten::adaptive_max_pool2d`` -> (values, indices) for static sizes: the max over each adaptive window,
+    taken separably (rows, then columns); indices are flat ``row * W + col`` as PyTorch's (for exact ties the
+    first column's row wins, where PyTorch scans row-major)."""
+    *_, h, w = _dims(x)
+    if h is None or w is None:
+        raise ValueError(f"ONNX translation of adaptive_max_pool2d needs a static input size, got {list(x.shape)}")
+    oh, ow = output_size
+    rows_max, rows_at = _max_along(x, -2, _adaptive_windows(h, oh))                    # (..., oh, W)
+    values, cols_at = _max_along(rows_max, -1, _adaptive_windows(w, ow))               # (..., oh, ow)
+    row_of_max = op.GatherElements(rows_at, cols_at, axis=-1)
+    return values, op.Add(op.Mul(row_of_max, _ints([w])), cols_at)
+
+
+_ATEN_TRANSLATIONS = {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_onnx}
+
 _TRANSLATIONS = {
     "rpe_index": rpe_index_onnx,
     "neighborhood_attn": neighborhood_attn_onnx,
@@ -255,8 +290,9 @@ _TRANSLATIONS = {
 
 
 def translation_table() -> dict:
-    """``{torch.ops.relzoo.<op>.default: translation}`` for every relzoo op that is loaded in this process."""
-    table = {}
+    """``{torch.ops.relzoo.<op>.default: translation}`` for every relzoo op that is loaded in this process, and
+    the aten ops the exporter cannot translate itself (``adaptive_max_pool2d``, in the detector's pyramid)."""
+    table = dict(_ATEN_TRANSLATIONS)
     for name, fn in _TRANSLATIONS.items():
         if _schema_exists(name):
             table[getattr(torch.ops.relzoo, name).default] = fn
