@@ -1,7 +1,10 @@
 """Regenerate README.md's generated tables (``--check`` fails when one is stale).
 
 - ``model-table``: every registered model, from the registry and ``configs/``;
-- ``env-table``: every environment variable RelZoo reads, from ``zoo.paths.ENVIRONMENT``.
+- ``env-table``: every environment variable RelZoo reads, from ``zoo.paths.ENVIRONMENT``;
+- ``export-table``: which model exports to what, from ``docs/export_support.json``, which
+  ``pytest tests/test_export.py --export-table docs/export_support.json`` writes (the minis and one
+  full-size model per family).
 
 Each sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 
@@ -11,6 +14,7 @@ Each sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import zoo
 from zoo.paths import environment_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+EXPORT_SUPPORT = README.parent / "docs" / "export_support.json"
 
 
 def model_table() -> str:
@@ -31,13 +36,30 @@ def model_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"model-table": model_table, "env-table": environment_table}
+def export_table() -> str:
+    rows = json.loads(EXPORT_SUPPORT.read_text(encoding="utf-8"))
+    lines = ["| model | weights | input | torch.export | ONNX + onnxruntime (max abs diff) | torch.compile | "
+             "bf16 autocast (cosine) | memory format |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        onnx = row["onnx"]
+        lines.append(f"| `{name}` | {row['weights']} | {' x '.join(map(str, row['input']))} | {row['torch.export']} | "
+                     f"opset {onnx['opset']}, dynamic batch ({onnx['max_abs_diff']:.0e}) | {row['torch.compile']} | "
+                     f"{row['bf16_autocast_cosine']:.4f} | `{row['memory_format']}` |")
+    return "\n".join(lines)
+
+
+TABLES = {"model-table": model_table, "env-table": environment_table, "export-table": export_table}
 
 
 def render(text: str) -> str:
+    """README.md with every table of TABLES regenerated; a table whose two markers are both absent is left out
+    (named on stderr), so a new table can be added here before README has its section."""
     for name, make in TABLES.items():
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         head, sep, rest = text.partition(begin)
+        if not sep and end not in text:
+            print(f"README.md has no {begin} ... {end} markers: table '{name}' not shown", file=sys.stderr)
+            continue
         if not sep or end not in rest:
             raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
         text = f"{head}{begin}\n{make()}\n{end}{rest.split(end, 1)[1]}"

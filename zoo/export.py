@@ -41,6 +41,7 @@ from zoo.data.config import TASK_KINDS, resolve_data_config
 from zoo.errors import ConfigError, DependencyError
 from zoo.factory import create_model
 from zoo.hub import push_to_hub, save_pretrained
+from zoo.ops.onnx import translation_table
 from zoo.registry import model_info, split_name
 
 __all__ = ["FORMATS", "OPSET", "ExportedGraph", "example_input", "to_exported_program", "to_onnx", "check_onnx",
@@ -145,35 +146,27 @@ def to_exported_program(model: nn.Module, example: Optional[torch.Tensor] = None
     return program
 
 
-def _onnx_modules():
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise DependencyError(f"ONNX export needs onnx and onnxscript ({exc.name} is missing): "
-                              f"pip install 'relzoo[export]'") from exc
-    from zoo.ops.onnx import translation_table
-    return translation_table
-
-
-def to_onnx(model: nn.Module, example: Optional[torch.Tensor] = None, *, input_size: Optional[Sequence[int]] = None,
-            dynamic_batch: bool = False, opset: int = OPSET) -> "torch.onnx.ONNXProgram":
-    """The dynamo ONNX exporter on :func:`to_exported_program`'s program, the native ops translated by
-    :mod:`zoo.ops.onnx`; returns the ``torch.onnx.ONNXProgram`` (``.save(path)``, ``.model_proto``).
-    Input and output names are :class:`ExportedGraph`'s; ``dynamic_batch`` names the batch axis ``batch``."""
+def to_onnx(model: Union[nn.Module, torch.export.ExportedProgram], example: Optional[torch.Tensor] = None, *,
+            input_size: Optional[Sequence[int]] = None, dynamic_batch: bool = False,
+            opset: int = OPSET) -> "torch.onnx.ONNXProgram":
+    """The dynamo ONNX exporter on :func:`to_exported_program`'s program (or on ``model`` itself when it is
+    one), the native ops translated by :mod:`zoo.ops.onnx`; returns the ``torch.onnx.ONNXProgram``
+    (``.save(path)``, ``.model_proto``). Input and output names are :class:`ExportedGraph`'s; a dynamic
+    batch is the symbolic axis ``batch``."""
     if opset < OPSET:
         raise ConfigError(f"ONNX export needs opset >= {OPSET} (the dynamo exporter's translations), got {opset}")
-    translation_table = _onnx_modules()
-    program = to_exported_program(model, example, input_size=input_size, dynamic_batch=dynamic_batch)
+    table = translation_table()  # first: a missing export extra is a DependencyError before any tracing
+    program = model if isinstance(model, torch.export.ExportedProgram) else \
+        to_exported_program(model, example, input_size=input_size, dynamic_batch=dynamic_batch)
     meta = program.graph_module.meta
     return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[meta["input_name"]],
-                             output_names=list(meta["output_names"]), custom_translation_table=translation_table(),
+                             output_names=list(meta["output_names"]), custom_translation_table=table,
                              optimize=True, verbose=False)
 
 
 def check_onnx(onnx_path: Union[str, Path], model: nn.Module, inputs: torch.Tensor) -> dict:
     """Run ``model.onnx`` with onnxruntime on ``inputs`` and compare with eager PyTorch (:class:`ExportedGraph`):
-    ``{'runtime', 'max_abs_diff' (per output), 'outputs'}``."""
+    ``{'runtime', 'max_abs_diff' (per output name), 'outputs' (onnxruntime's, numpy arrays)}``."""
     try:
         import onnxruntime
     except ImportError as exc:
@@ -189,8 +182,7 @@ def check_onnx(onnx_path: Union[str, Path], model: nn.Module, inputs: torch.Tens
         if want.shape != have.shape:
             raise ConfigError(f"onnxruntime output '{name}' has shape {have.shape}, PyTorch {want.shape}")
         diffs[name] = float(abs(want.astype("float64") - have.astype("float64")).max()) if want.size else 0.0
-    return {"runtime": f"onnxruntime {onnxruntime.__version__}", "max_abs_diff": diffs,
-            "outputs": [o.numpy() for o in expected]}
+    return {"runtime": f"onnxruntime {onnxruntime.__version__}", "max_abs_diff": diffs, "outputs": got}
 
 
 def _describe(name: str, model: nn.Module, graph_io: dict, example: torch.Tensor, fmt: str, file: str,
@@ -211,7 +203,11 @@ def _describe(name: str, model: nn.Module, graph_io: dict, example: torch.Tensor
         "labels": list(cfg.label_names) if cfg.label_names else None,
     }
     if hasattr(model, "forward_export"):
-        info["note"] = (model.forward_export.__doc__ or "").strip().split("\n\n")[0]
+        info["note"] = " ".join((model.forward_export.__doc__ or "").split("\n\n")[1].split())
+    elif _task_kind(model) == "detection":
+        info["note"] = ("One image size, fixed_size (iRPE's relative-position buckets are made for the encoder's "
+                        "feature grid, so the size cannot be symbolic): resize images to it; the graph has no "
+                        "padding mask, every pixel is image.")
     if fmt == "onnx":
         info["opset"] = OPSET
     if check is not None:
@@ -254,16 +250,15 @@ def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         check = None
+        program = to_exported_program(model, example, dynamic_batch=dynamic_batch)
         if format == "onnx":
-            program = to_onnx(model, example, dynamic_batch=dynamic_batch)
             file = "model.onnx"
-            program.save(str(tmp / file))
+            to_onnx(program).save(str(tmp / file))
             try:
                 check = check_onnx(tmp / file, model, example)
-            except DependencyError:
+            except DependencyError:  # onnxruntime is not installed: export.json says nothing was checked
                 check = None
         else:
-            program = to_exported_program(model, example, dynamic_batch=dynamic_batch)
             file = "model.pt2"
             torch.export.save(program, str(tmp / file))
         graph = ExportedGraph(model)

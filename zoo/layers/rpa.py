@@ -719,8 +719,15 @@ class _MultiheadNonlocalNd(nn.Module):
                              dtype, device)
 
     def _taps(self, sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> PairTaps:
-        return _relative_taps(self.rpa_mode, self._method, self.rpa_kernel_size, sizes, self._legacy(sizes),
-                              self._table_shape(sizes), dtype, device)
+        # The last taps are kept on the module too: torch.compile traces through lru_cache (it ignores the
+        # cache) but reads a module attribute as a constant, so a warm module compiles without graph breaks.
+        key = (sizes, dtype, torch.device(device))
+        cached = getattr(self, "_last_taps", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _relative_taps(self.rpa_mode, self._method, self.rpa_kernel_size, sizes,
+                                          self._legacy(sizes), self._table_shape(sizes), dtype, device))
+            self._last_taps = cached
+        return cached[1]
 
     def _table_shape(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
         if self._legacy(sizes):

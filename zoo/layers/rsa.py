@@ -110,7 +110,7 @@ def rsa_core_reference(q: Tensor, k: Optional[Tensor], v: Tensor, H1: Optional[T
         kernel = torch.bmm(q_pm, r)  # (NP, nh, dd)
     else:
         kernel = q_pm  # dd == dk
-    v_img = v.reshape(N * dv, 1, T, H, W)  # every value channel is its own one-channel image
+    v_img = v.contiguous().view(N * dv, 1, T, H, W)  # every value channel is its own one-channel image
     e = F.conv3d(v_img, H2, padding=pad).reshape(N, dv, dd, T, H, W)
     feature = e.permute(0, 3, 4, 5, 1, 2).reshape(-1, dv, dd)  # (NP, dv, dd)
     if dims.relational_context:
@@ -474,10 +474,18 @@ class RSA(nn.Module):
         params = (self.H1.weight if hasattr(self, "H1") else None, self.H2.weight,
                   self.G.weight if hasattr(self, "G") else None,
                   getattr(self, "P1", None), getattr(self, "I", None))
-        if resolve(self.backend, PURE_TORCH, "RSA backend") == "reference":
+        # torch.export: the reference formulation, whose ops do not depend on the batch size (the chunked
+        # one slices the batch by a budget, which would fix the exported batch size)
+        if resolve(self.backend, PURE_TORCH, "RSA backend") == "reference" or torch.compiler.is_exporting():
             out = rsa_core_reference(q, k, v, *params, self.dims)
         else:
             out = rsa_core_chunked(q, k, v, *params, self.dims, budget=self.chunk_budget)
         if max(self.stride) > 1:
-            out = self.avgpool(out)
+            # self.avgpool's (1, 3, 3) window frame by frame as a 2-D pool: the same numbers, and CPU has a
+            # bfloat16 / float16 kernel for avg_pool2d, not for avg_pool3d
+            pool = self.avgpool
+            n, c, t = out.shape[:3]
+            out = F.avg_pool2d(out.flatten(1, 2), pool.kernel_size[1:], pool.stride[1:], pool.padding[1:],
+                               pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
+            out = out.view(n, c, t, *out.shape[-2:])
         return out

@@ -184,6 +184,16 @@ class HandRaiseRCNN(FasterRCNN):
         super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
         self.locality = locality
 
+    def forward(self, images, targets=None):
+        """torchvision's forward; a model in bfloat16 / float16 runs it under autocast in that dtype, which
+        gives torchvision's NMS (no reduced-precision CPU kernel) its float32 inputs."""
+        dtype = self.roi_heads.box_predictor.cls_score.weight.dtype
+        device = self.roi_heads.box_predictor.cls_score.weight.device.type
+        if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device):
+            with torch.autocast(device, dtype=dtype):
+                return super().forward(images, targets)
+        return super().forward(images, targets)
+
     @property
     def num_classes(self) -> int:
         return self.roi_heads.box_predictor.cls_score.out_features
@@ -334,7 +344,8 @@ def _nms_top(boxes, scores, valid, groups, num_groups: int, iou_threshold: float
     masked = torch.where(valid, scores, float("-inf"))
     image = torch.arange(batch, device=boxes.device)[:, None]
     offsets = ((image * num_groups + groups) * (boxes.max() + 1)).to(boxes.dtype)
-    keep = nms((boxes + offsets[..., None]).reshape(-1, 4), masked.reshape(-1), iou_threshold)
+    # float32: torchvision's CPU NMS has no reduced-precision kernel
+    keep = nms((boxes + offsets[..., None]).reshape(-1, 4).float(), masked.reshape(-1).float(), iou_threshold)
     kept = torch.zeros(batch * count, dtype=torch.bool, device=boxes.device).index_fill(0, keep, True)
     ranked = torch.where(kept.view(batch, count) & valid, scores, float("-inf"))
     best, picked = ranked.topk(min(top, count), dim=1)
@@ -354,8 +365,8 @@ def _roi_align_levels(pooler, features: "OrderedDict[str, torch.Tensor]", rois: 
     levels = pooler.map_levels([rois])
     result = None
     for level, (feature, scale) in enumerate(zip(maps, pooler.scales)):
-        pooled = roi_align(feature, indexed, pooler.output_size, spatial_scale=scale,
-                           sampling_ratio=pooler.sampling_ratio)
+        pooled = roi_align(feature.float(), indexed.float(), pooler.output_size, spatial_scale=scale,  # as NMS
+                           sampling_ratio=pooler.sampling_ratio).to(feature.dtype)
         result = pooled if result is None else torch.where((levels == level)[:, None, None, None], pooled, result)
     return result
 

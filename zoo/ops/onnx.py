@@ -10,16 +10,22 @@ Only the inference outputs are translated (the backward ops never appear in an e
 
 :func:`translation_table` is what :func:`zoo.export.to_onnx` passes to the exporter: one entry per op of
 the ``relzoo`` library that is loaded (an op that was never built never appears in a graph).
-Needs the ``export`` extra (onnx, onnxscript); importing this module imports onnxscript.
+Needs the ``export`` extra (onnx, onnxscript) to translate; the module imports without it.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import numpy as np
-import onnx_ir as ir
 import torch
-from onnxscript import opset18 as op
+
+from zoo.errors import DependencyError
+
+try:  # the ``export`` extra; without it translation_table() says what to install
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+except ImportError:
+    ir = op = None
 
 __all__ = ["translation_table", "rpe_index_onnx", "neighborhood_attn_onnx", "relative_attn_onnx",
            "relative_attend_pairs_onnx", "relative_attend_dot_onnx", "adaptive_max_pool2d_onnx"]
@@ -278,8 +284,6 @@ def adaptive_max_pool2d_onnx(x, output_size: Sequence[int]):
     return values, op.Add(op.Mul(row_of_max, _ints([w])), cols_at)
 
 
-_ATEN_TRANSLATIONS = {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_onnx}
-
 _TRANSLATIONS = {
     "rpe_index": rpe_index_onnx,
     "neighborhood_attn": neighborhood_attn_onnx,
@@ -292,7 +296,9 @@ _TRANSLATIONS = {
 def translation_table() -> dict:
     """``{torch.ops.relzoo.<op>.default: translation}`` for every relzoo op that is loaded in this process, and
     the aten ops the exporter cannot translate itself (``adaptive_max_pool2d``, in the detector's pyramid)."""
-    table = dict(_ATEN_TRANSLATIONS)
+    if op is None:
+        raise DependencyError("ONNX export needs onnx and onnxscript: pip install 'relzoo[export]'")
+    table = {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_onnx}
     for name, fn in _TRANSLATIONS.items():
         if _schema_exists(name):
             table[getattr(torch.ops.relzoo, name).default] = fn
