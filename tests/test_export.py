@@ -201,3 +201,54 @@ def test_mini_cuda_float16_autocast(mini):
             half = _dense(model, x)
             ExportedGraph(model)(x)
     assert _cosine(dense, half) >= COSINE
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+@pytest.mark.slow
+def test_cli_writes_onnx_and_exported_program(tmp_path):
+    """``zoo export --format onnx|exported-program``: the files, export.json, and outputs that match eager."""
+    from zoo.cli import main
+
+    assert main(["export", "rpa_cifar_toy", "--format", "onnx", "--out", str(tmp_path / "onnx"), "--dynamic-batch",
+                 "--quiet"]) == 0
+    info = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export.json", "model.onnx"]
+    assert info["format"] == "onnx" and info["opset"] == 18 and info["file"] == "model.onnx"
+    assert info["inputs"] == [{"name": "images", "shape": ["batch", 3, 32, 32], "dtype": "float32"}]
+    assert info["outputs"] == [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}]
+    assert info["preprocessing"]["input_size"] == [3, 32, 32] and info["preprocessing"]["mean"] == [0.0, 0.0, 0.0]
+    assert 0 <= info["check"]["max_abs_diff"]["logits"] <= ATOL
+
+    assert main(["export", "rpa_cifar_toy", "--format", "exported-program", "--out", str(tmp_path / "pt2"),
+                 "--input-size", "3", "48", "40", "--quiet"]) == 0
+    info = json.loads((tmp_path / "pt2" / "export.json").read_text())
+    assert info["format"] == "exported-program" and info["inputs"][0]["shape"] == [1, 3, 48, 40]
+    program = torch.export.load(str(tmp_path / "pt2" / "model.pt2"))
+    (logits,) = program.module()(torch.rand(1, 3, 48, 40))
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
+def test_cli_export_rejects_bad_arguments(tmp_path, capsys):
+    from zoo.cli import main
+
+    assert main(["export", "rpa_cifar_toy", "--format", "onnx", "--out", str(tmp_path / "o"), "--push", "a/b"]) == 2
+    assert "--format hf" in capsys.readouterr().err
+    assert main(["export", "rpa_cifar_toy", "--format", "onnx", "--out", str(tmp_path / "o"),
+                 "--input-size", "1", "2", "3", "4"]) == 2
+    assert "input_size" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_export_without_the_native_build(tmp_path, monkeypatch):
+    """RELZOO_OPS=reference: every layer's reference formulation is exported (no relzoo op in the program)
+    and onnxruntime matches eager PyTorch."""
+    monkeypatch.setenv("RELZOO_OPS", "reference")
+    torch.manual_seed(0)
+    model = zoo.create_model("rpa_cifar_toy").eval()
+    program = to_exported_program(model, dynamic_batch=True)
+    assert "relzoo" not in str(program.graph)
+    to_onnx(program).save(str(tmp_path / "model.onnx"))
+    check = check_onnx(tmp_path / "model.onnx", model, example_input(model, batch=3))
+    assert check["max_abs_diff"]["logits"] <= ATOL

@@ -133,8 +133,10 @@ def _prepare(model: nn.Module, example: Optional[torch.Tensor], input_size, dyna
 def to_exported_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
                         input_size: Optional[Sequence[int]] = None,
                         dynamic_batch: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of :class:`ExportedGraph` (model in eval mode) on ``example`` (default
-    :func:`example_input`); ``dynamic_batch``: the batch dimension symbolic (1 to :data:`MAX_BATCH`).
+    """``torch.export.export`` (non-strict) of :class:`ExportedGraph` (model in eval mode) on ``example`` (default
+    :func:`example_input`); ``dynamic_batch``: the batch dimension symbolic (1 to :data:`MAX_BATCH`). The model
+    runs once eagerly on the example first: the layers build their relative-position index tables on the first
+    call at a size, and the program holds them as constants (tracing their construction would be data-dependent).
 
     The program's outputs are the tuple of :attr:`ExportedGraph.output_names` (stored in its
     ``graph_module.meta['output_names']`` too)."""

@@ -110,7 +110,7 @@ def rsa_core_reference(q: Tensor, k: Optional[Tensor], v: Tensor, H1: Optional[T
         kernel = torch.bmm(q_pm, r)  # (NP, nh, dd)
     else:
         kernel = q_pm  # dd == dk
-    v_img = v.contiguous().view(N * dv, 1, T, H, W)  # every value channel is its own one-channel image
+    v_img = v.reshape(N * dv, 1, T, H, W)  # every value channel is its own one-channel image
     e = F.conv3d(v_img, H2, padding=pad).reshape(N, dv, dd, T, H, W)
     feature = e.permute(0, 3, 4, 5, 1, 2).reshape(-1, dv, dd)  # (NP, dv, dd)
     if dims.relational_context:
@@ -120,7 +120,9 @@ def rsa_core_reference(q: Tensor, k: Optional[Tensor], v: Tensor, H1: Optional[T
             gam = gam + I
         feature = torch.bmm(gam.transpose(1, 2), feature)  # (NP, u, dd)
     out = torch.bmm(feature, kernel.transpose(1, 2))  # (NP, u, nh)
-    return out.reshape(N, T, H, W, dv * nh).permute(0, 4, 1, 2, 3)
+    # contiguous, as the chunked path's: a channels-last-strided output would make the next 3-D convolutions
+    # channels-last on the CPU but not in torch.export's fake tensors, and the exported views would not fit
+    return out.reshape(N, T, H, W, dv * nh).permute(0, 4, 1, 2, 3).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
