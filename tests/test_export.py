@@ -41,12 +41,7 @@ ATOL = 1e-4
 COSINE = 0.999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tracing is Python; the machine is shared
 
 
 @pytest.fixture(scope="module")

@@ -786,7 +786,10 @@ class _MultiheadNonlocalNd(nn.Module):
                          value_term=Term(a_v.transpose(1, 2), taps))
         y = relative_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), **terms,
                                backend=self.backend, what=what)                # (B, h, N, d)
-        out = self.output_conv(y.transpose(-1, -2).reshape(batch, heads * d, *sizes), output_size=list(x.shape[2:]))
+        # contiguous before the transposed conv: on a channels-last-strided view the CPU kernel answers in
+        # contiguous layout but torch.export's fake kernel in channels-last, and exported views would not fit
+        y = y.transpose(-1, -2).contiguous().view(batch, heads * d, *sizes)
+        out = self.output_conv(y, output_size=list(x.shape[2:]))
         return out + x if self.residual else out
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
