@@ -19,6 +19,8 @@ from zoo.errors import DatasetError
 from zoo.registry import model_info
 from zoo.train import ReidTask, VideoTask, build_task, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLS = ("sasa_resnet26_convstem", dict(num_classes=10, width_div=16, heads=1, kernel_size=3), {"input_size": [32, 32]})
 REID = ("rga_sc_resnet50", dict(num_classes=6, height=64, width=32, width_div=16, cha_ratio=2, spa_ratio=2,
                                 down_ratio=2), None)
@@ -34,14 +36,6 @@ CASES = {"classification": (CLS, "shapes-cls"), "reid": (REID, "shapes-reid"), "
 def _skip_unregistered(name: str) -> None:
     if name not in zoo.list_models():
         pytest.skip(f"{name} is not registered (yet)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +241,30 @@ def test_deterministic_mode_restores_what_it_changes(monkeypatch):
     with _Deterministic(seed=3):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_fine_tuning_pretrained_weights_on_new_classes(tmp_path):
+    """`zoo train NAME --weights TAG --kwargs '{"num_classes": 5}'` on 5 classes: every parameter but the
+    classifier starts from the weights, the classifier starts new, and the result loads back with 5 classes."""
+    import shutil
+
+    import zoo
+    from zoo.data.synthetic import make_dataset
+    from zoo.train import train
+
+    shapes = make_dataset("shapes-cls", tmp_path / "shapes", split="all", seed=0, size="tiny")
+    for split in ("train", "val"):  # five of the ten shapes: a new task
+        for folder in sorted((shapes / split).iterdir())[:5]:
+            shutil.copytree(folder, tmp_path / "five" / split / folder.name)
+    pretrained = zoo.create_model("sasa_resnet_mini", pretrained=True)
+    out = train("sasa_resnet_mini", tmp_path / "five", tmp_path / "tuned", epochs=1, batch_size=5, lr=1e-9, seed=0,
+                weights="synthetic", log=None, num_classes=5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["initial_weights"] == "synthetic" and config["kwargs"]["num_classes"] == 5
+    assert config["kwargs"]["zero_init_residual"] is True  # recorded by the weights folder, kept
+    tuned = zoo.create_model("sasa_resnet_mini", weights=out)
+    assert tuned.fc.weight.shape == (5, 256)
+    start = dict(pretrained.named_parameters())
+    for key, value in tuned.named_parameters():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(value, start[key], atol=1e-6, rtol=0, msg=key)  # a tiny lr: they barely moved

@@ -11,7 +11,8 @@ CPU; the generators' states, the flag and the environment are restored afterward
 
 The result is the folder ``zoo.hub.write_model_folder`` writes (``model.safetensors``,
 ``config.json`` with the constructor kwargs and the training record, ``README.md``), so
-``zoo.create_model(NAME, weights=OUT)`` loads it.
+``zoo.create_model(NAME, weights=OUT)`` loads it; with ``plots`` (the default, needs matplotlib) also
+``loss.png``, and ``metrics.png`` when a ``validate`` callback scored the model after every epoch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -29,15 +31,15 @@ import torch
 
 from zoo.data.synthetic import MARKER
 from zoo.factory import create_model
-from zoo.hub import model_card, write_model_folder
+from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
+from zoo.paths import progress_bar
 from zoo.registry import model_info, split_name
 from zoo.train.tasks import DetrTask, ReidTask, TrainTask, build_task
+from zoo.viz.curves import plot_loss, plot_metrics
+from zoo.viz.figure import figure_png, matplotlib_available
 
 __all__ = ["train"]
 
-# Constructor kwargs that fetch something on construction: a trained folder must not record them,
-# or loading it would download ImageNet weights only to overwrite them.
-_DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 
 # =============================================================================================
@@ -46,7 +48,7 @@ _DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 def _json_kwargs(kwargs: dict) -> dict:
     """Constructor kwargs as recorded in config.json (JSON types only; no download-on-build flags)."""
-    out = {k: (False if k in _DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
+    out = {k: (False if k in DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
     for key, value in out.items():
         try:
             json.dumps(value)
@@ -125,8 +127,11 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
           lr: float, seed: int = 0, limit: Optional[int] = None, device: Union[str, torch.device] = "cpu",
           weight_decay: float = 1e-4, lr_schedule: str = "cosine", max_grad_norm: Optional[float] = None,
           num_instances: int = 4, preprocessing: Optional[Mapping] = None,
-          log: Optional[Callable[[str], None]] = print, **model_overrides) -> Path:
-    """Train the registered model ``name`` from scratch on ``data_dir`` and write it to ``out_dir``.
+          log: Optional[Callable[[str], None]] = print, plots: bool = True,
+          validate: Optional[Callable[[torch.nn.Module], Mapping[str, float]]] = None,
+          weights: Optional[str] = None, **model_overrides) -> Path:
+    """Train the registered model ``name`` on ``data_dir`` (from scratch, or fine-tune ``weights``) and
+    write it to ``out_dir``.
 
     Args:
         name: a registered model (no ``.tag``: training starts from the constructor's initialisation).
@@ -143,13 +148,23 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         preprocessing: fields overriding the config's :class:`~zoo.config.Preprocessing`
             (e.g. ``{"input_size": [64, 32]}``).
         log: called with one line per epoch (None: silent).
+        plots: draw ``loss.png`` (and ``metrics.png``) into the folder; needs matplotlib (the ``viz``
+            extra): without it a warning says so and nothing is drawn.
+        validate: called with the model (in eval mode) after every epoch; returns ``{metric: value}``
+            (``python -m zoo train --validate`` passes the model's evaluation protocol on the val split).
+            The values per epoch go into config.json and ``metrics.png``. Its random draws do not
+            change the training run's.
+        weights: start from these weights (a tag of the model's config, a path, URL or ``hf://``)
+            instead of the constructor's initialisation; with ``num_classes`` in ``model_overrides``
+            the classifier starts new (:func:`zoo.create_model`'s rule): fine-tuning to other classes.
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}')")
+        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+                         f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -160,9 +175,14 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
     cfg = model_info(base)
     kwargs = _json_kwargs({**cfg.kwargs, **model_overrides})
     say = log or (lambda line: None)
+    if plots and not matplotlib_available():
+        warnings.warn("matplotlib is not installed, so zoo train draws no loss.png: pip install 'relzoo[viz]' "
+                      "(or pass --no-plots)", stacklevel=2)
+        plots = False
 
     with _Deterministic(seed, device):
-        model = create_model(base, **model_overrides).to(device)
+        model = create_model(base, weights=weights, **model_overrides).to(device)
+        kwargs = _json_kwargs(model.pretrained_cfg.model_kwargs)  # with what a weights folder recorded
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
                           preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs)
@@ -172,11 +192,12 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         steps_per_epoch = len(task.epoch_indices(0))
         total_steps = steps_per_epoch * epochs
-        history, step = [], 0
+        history, step_losses, validation, step = [], [], {}, 0
         say(f"training {base} on {data_dir} ({task.protocol}, {len(task)} samples, {steps_per_epoch} steps/epoch)")
         for epoch in range(epochs):
             start, losses = time.perf_counter(), []
-            for batch in task.batches(epoch):
+            for batch in progress_bar(task.batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                                      unit="step"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total_steps, lr_schedule)
                 loss = task.loss(model, batch, device)
@@ -191,7 +212,12 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
                 losses.append(loss.item())
                 step += 1
             history.append(float(np.mean(losses)))
-            say(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}  ({len(losses)} steps, "
+            step_losses += losses
+            scores = _validate(validate, model, device) if validate is not None else {}
+            for metric, value in scores.items():
+                validation.setdefault(metric, []).append(value)
+            shown = "".join(f"  {metric} {value:.2f}" for metric, value in scores.items())
+            say(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}{shown}  ({len(losses)} steps, "
                 f"{time.perf_counter() - start:.1f} s)")
         model.eval()
 
@@ -202,8 +228,34 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
               "loss_per_epoch": [round(x, 6) for x in history], "torch": torch.__version__}
     if isinstance(task, ReidTask):
         record["num_instances"] = num_instances
+    if validation:
+        record["val_metrics_per_epoch"] = {metric: [round(v, 4) for v in values] for metric, values in validation.items()}
+    drawn = {}
+    if plots:
+        drawn["loss.png"] = figure_png(plot_loss(history, step_losses, title=f"{base}: training loss"))
+        if validation:
+            drawn["metrics.png"] = figure_png(plot_metrics(validation, title=f"{base}: validation after each epoch"))
+    if weights is not None:
+        record["initial_weights"] = str(weights)
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
-    origin = (f"Trained from scratch by `python -m zoo train {base}` on `{record['dataset']['name']}` "
+    start = f"from the `{weights}` weights" if weights is not None else "from scratch"
+    origin = (f"Trained {start} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
               f"({task.protocol} format, {len(task)} samples) for {epochs} epochs, seed {seed}; "
               f"final training loss {history[-1]:.4f}. Training hyper-parameters are in config.json.")
-    return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)))
+    return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)),
+                              extra_files=drawn)
+
+
+def _validate(validate: Callable, model: torch.nn.Module, device) -> dict[str, float]:
+    """``validate(model)`` in eval mode, then back to training mode; the random generators are restored
+    afterwards (a DataLoader draws its seed from torch's), so validating leaves the run's randomness alone."""
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            scores = validate(model)
+        finally:
+            model.train()
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"validate must return a mapping of metric -> value, got {type(scores).__name__}")
+    return {str(metric): float(value) for metric, value in scores.items()}
