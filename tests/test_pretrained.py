@@ -140,8 +140,10 @@ def test_num_classes_changes_the_outputs_of_every_task(minis):
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
-def test_num_classes_zero_returns_pooled_features(minis, name):
-    model = zoo.create_model(name, pretrained=True, num_classes=0)
+def test_num_classes_zero_returns_pooled_features(minis, name, caplog):
+    with caplog.at_level(logging.WARNING, logger="zoo.factory"):
+        model = zoo.create_model(name, pretrained=True, num_classes=0)
+    assert "num_classes=0: the model has no classifier" in caplog.text and "re-initialised" not in caplog.text
     with torch.no_grad():
         pooled = model(_input(name))
         assert pooled.shape == (2, minis[name].num_features)

@@ -192,7 +192,9 @@ def _fit_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *, new_head
         dropped = [key for key, value in state.items() if key.startswith(classifier)
                    and (key not in target or target[key].shape != value.shape)]
         if dropped:
-            logger.warning("new num_classes: the classifier is re-initialised; left out of the weights: %s",
+            what = ("num_classes=0: the model has no classifier" if getattr(model, "num_classes", None) == 0
+                    else "new num_classes: the classifier is re-initialised")
+            logger.warning("%s; left out of the weights: %s", what,
                            ", ".join(f"{key} {list(state[key].shape)}" for key in dropped))
         for key in dropped:
             del state[key]
