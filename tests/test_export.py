@@ -21,6 +21,7 @@ rows of README's generated export table (``scripts/model_table.py``).
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -96,18 +97,16 @@ def _dense(model, x):
     return ExportedGraph(model)(x)
 
 
-def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, **model_kwargs) -> dict:
-    """Every deploy check of the module docstring on ``name`` (random-init weights unless it has some);
-    returns the export table's row."""
-    cfg = model_info(name)
-    pretrained = cfg.default_weights is not None
+def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: bool, **model_kwargs) -> dict:
+    """Every deploy check of the module docstring on ``name`` (its default weights, or random ones); returns
+    the export table's row."""
     model = zoo.create_model(name, pretrained=pretrained, **model_kwargs).eval()
     graph = ExportedGraph(model)
     size = tuple(sample.shape[1:])
     randoms = [example_input(model, size, batch=3), example_input(model, size, batch=1)]
     with torch.no_grad():
         expected = [graph(x) for x in [*randoms, sample]]
-    row = {"weights": cfg.default_weights or "random", "input": list(size)}
+    row = {"weights": model_info(name).default_weights if pretrained else "random", "input": list(size)}
 
     # torch.export, dynamic batch
     program = to_exported_program(model, example_input(model, size, batch=2), dynamic_batch=True)
@@ -141,7 +140,7 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, **model_kwarg
             cosine = _cosine(dense, _dense(model, sample))
             graph(sample)
         assert cosine >= COSINE, f"{name} bf16 autocast: cosine {cosine:.5f} < {COSINE}"
-        half = zoo.create_model(name, pretrained=pretrained, **model_kwargs).eval().to(torch.bfloat16)
+        half = copy.deepcopy(model).to(torch.bfloat16)
         low = _dense(half, sample.to(torch.bfloat16))
         assert all(t.dtype == torch.bfloat16 for t in low if t.is_floating_point())
         assert _cosine(dense, low) >= 0.99, f"{name} .to(bfloat16): cosine {_cosine(dense, low):.4f}"
@@ -152,7 +151,7 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, **model_kwarg
     three_d = any(p.dim() == 5 for p in model.parameters())
     layout = torch.channels_last_3d if three_d else torch.channels_last
     with torch.no_grad():
-        moved = zoo.create_model(name, pretrained=pretrained, **model_kwargs).eval().to(memory_format=layout)
+        moved = copy.deepcopy(model).to(memory_format=layout)
         x = sample if three_d else sample.to(memory_format=torch.channels_last)
         _close(expected[2], ExportedGraph(moved)(x), f"{name} {layout}")
     row["memory_format"] = str(layout).replace("torch.", "")
@@ -162,7 +161,7 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, **model_kwarg
 @pytest.mark.parametrize("mini", demo.MINIS, ids=[m.name for m in demo.MINIS])
 def test_mini_deploys(mini, tiny_dataset, tmp_path, export_rows):
     sample = real_sample(mini.name, tiny_dataset(mini.kind, "val"))
-    export_rows(mini.name, deploy_checks(mini.name, sample, tmp_path))
+    export_rows(mini.name, deploy_checks(mini.name, sample, tmp_path, pretrained=True))
 
 
 #: One full-size model per family (random weights), with the smallest input its architecture takes.
@@ -182,7 +181,7 @@ def test_full_size_deploys(name, tmp_path, export_rows):
     size, kwargs = FULL_SIZE[name]
     torch.manual_seed(0)
     sample = torch.randn(1, *size) if not name.startswith("handraise") else torch.rand(1, *size)
-    export_rows(name, deploy_checks(name, sample, tmp_path, **kwargs))
+    export_rows(name, deploy_checks(name, sample, tmp_path, pretrained=False, **kwargs))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA float16 autocast needs a GPU")
@@ -247,3 +246,25 @@ def test_export_without_the_native_build(tmp_path, monkeypatch):
     to_onnx(program).save(str(tmp_path / "model.onnx"))
     check = check_onnx(tmp_path / "model.onnx", model, example_input(model, batch=3))
     assert check["max_abs_diff"]["logits"] <= ATOL
+
+
+@pytest.mark.slow
+def test_reference_neighborhood_attention_exports():
+    """The SASA op's reference formulation (what RELZOO_OPS=reference exports) traces without data-dependent
+    branches, windows wholly outside the key grid included, and onnxruntime gives its values."""
+    import onnxruntime
+
+    from zoo.ops.neighborhood_attn import neighborhood_attention
+
+    class Window(torch.nn.Module):
+        def forward(self, q, k, v):
+            return neighborhood_attention(q, k, v, kernel_size=2, offset=(3, -5), backend="reference")
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 4, 3, generator=gen) for _ in range(3))
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.onnx.export(Window(), (q, k, v), dynamo=True, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    q, k, v = (t[:1] for t in (q, k, v))
+    (got,) = session.run(None, dict(zip([i.name for i in session.get_inputs()], (q.numpy(), k.numpy(), v.numpy()))))
+    _close((Window()(q, k, v),), (torch.from_numpy(got),), "reference neighbourhood attention")
