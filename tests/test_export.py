@@ -99,7 +99,13 @@ def _dense(model, x):
 
 def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: bool, **model_kwargs) -> dict:
     """Every deploy check of the module docstring on ``name`` (its default weights, or random ones); returns
-    the export table's row."""
+    the export table's row.
+
+    A detector with random weights scores its candidates almost alike: which of the near-tied boxes rank and
+    survive NMS then follows float rounding, which differs between onnxruntime's kernels and PyTorch's. Its
+    onnxruntime outputs are checked for shape and range only, and its channels_last run on the feature pyramid;
+    box, score and label parity is the trained mini's (torch.export / torch.compile run PyTorch's kernels:
+    exact there too)."""
     model = zoo.create_model(name, pretrained=pretrained, **model_kwargs).eval()
     graph = ExportedGraph(model)
     size = tuple(sample.shape[1:])
@@ -119,10 +125,16 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: b
     onnx_path = tmp_path / "model.onnx"
     to_onnx(program).save(str(onnx_path))
     worst = 0.0
+    ill_conditioned = hasattr(model, "forward_export") and not pretrained
     for x, want in zip([*randoms, sample], expected):
         got = [torch.from_numpy(o) for o in check_onnx(onnx_path, model, x)["outputs"]]
+        if ill_conditioned:
+            assert [g.shape for g in got] == [w.shape for w in want]
+            assert ((got[-1] >= 0) & (got[-1] <= got[1].shape[1])).all()
+            continue
         worst = max(worst, _close(want, got, f"{name} onnxruntime (batch {x.shape[0]})"))
-    row["onnx"] = {"opset": 18, "dynamic_batch": True, "fixed_size": list(size[-2:]), "max_abs_diff": worst}
+    row["onnx"] = {"opset": 18, "dynamic_batch": True, "fixed_size": list(size[-2:]),
+                   "max_abs_diff": None if ill_conditioned else worst}
 
     # torch.compile: no graph break, eager outputs
     torch._dynamo.reset()
@@ -153,7 +165,10 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: b
     with torch.no_grad():
         moved = copy.deepcopy(model).to(memory_format=layout)
         x = sample if three_d else sample.to(memory_format=torch.channels_last)
-        _close(expected[2], ExportedGraph(moved)(x), f"{name} {layout}")
+        if ill_conditioned:  # the layout's rounding reorders near-tied detections too: compare the pyramid
+            _close(_dense(model, sample), _dense(moved, x), f"{name} {layout}")
+        else:
+            _close(expected[2], ExportedGraph(moved)(x), f"{name} {layout}")
     row["memory_format"] = str(layout).replace("torch.", "")
     return row
 
