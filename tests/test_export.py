@@ -166,7 +166,7 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: b
         moved = copy.deepcopy(model).to(memory_format=layout)
         x = sample if three_d else sample.to(memory_format=torch.channels_last)
         if ill_conditioned:  # the layout's rounding reorders near-tied detections too: compare the pyramid
-            _close(_dense(model, sample), _dense(moved, x), f"{name} {layout}")
+            assert _cosine(_dense(model, sample), _dense(moved, x)) >= 0.99999, f"{name} {layout}"
         else:
             _close(expected[2], ExportedGraph(moved)(x), f"{name} {layout}")
     row["memory_format"] = str(layout).replace("torch.", "")
