@@ -46,7 +46,7 @@ def export_table() -> str:
             f"{onnx['max_abs_diff']:.0e}"
         lines.append(f"| `{name}` | {row['weights']} | {' x '.join(map(str, row['input']))} | {row['torch.export']} | "
                      f"opset {onnx['opset']}, dynamic batch ({diff}) | {row['torch.compile']} | "
-                     f"{row['bf16_autocast_cosine']:.4f} | `{row['memory_format']}` |")
+                     f"{row['bf16_autocast_cosine']:.5f} | `{row['memory_format']}` |")
     return "\n".join(lines)
 
 
