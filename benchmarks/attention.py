@@ -18,6 +18,8 @@ attention without relative terms on a fused kernel); inference and forward + bac
 * ``sasa``        SASAttention2d 64 -> 128 channels, 56x56, k 7, 8 heads: native kernel, FlexAttention, unfold.
 * ``rpa_ops``     the RPA drop-in ops on an 8x8 map: ours vs the original op's algorithm (C++ loops, compiled
   by benchmarks/rpa.py), forward and an 8x8 gradcheck.
+* ``sweep``       what ``backend="auto"`` picks per shape and dtype: relative_attention alone on its two candidate
+  paths (CPU: native vs SDPA + bias; CUDA: FlexAttention vs SDPA + bias), 4x4 to 25x34 grids, float32/16, bfloat16.
 * ``models``      whole models, images/s: today's formulation vs the new default (DETR-R50 + iRPE at 800x1216,
   RGA-SC R50 at 256x128, RSANet-R50 at 224, SASA-ResNet26 at 224; sizes and batches are options).
 
@@ -64,16 +66,17 @@ class Timer:
     machine's other processes do not inflate (they still evict caches)."""
 
     def __init__(self, device: torch.device, runs: int, clock: str = "wall"):
-        self.device, self.runs = device, runs
+        self.device, self.runs, self.clock = device, runs, clock
         self.now = time.thread_time if clock == "thread" else time.perf_counter
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def interleaved(self, fns: dict) -> dict:
-        """{name: (median seconds, spread)} of each fn(), taking turns within each round."""
-        for fn in fns.values():
+    def interleaved(self, fns: dict, warmup: bool = True) -> dict:
+        """{name: (median seconds, spread)} of each fn(), taking turns within each round (after one warm-up
+        call each, unless ``warmup`` is False: :func:`runnable` made it)."""
+        for fn in fns.values() if warmup else ():
             fn()
             self.sync()
         samples = {name: [] for name in fns}
@@ -108,6 +111,19 @@ def print_table(title: str, rows: list, infer: dict, train: dict, base: str, not
               f"{_ratio(t[0] if t else None, b_tr)} |")
     if note:
         print(f"\n{note}")
+
+
+def runnable(fns: dict, what: str) -> dict:
+    """The fns that run, each called once (so also warmed up); the others are reported as n/a with the
+    reason (e.g. ``flex`` with a value term, ``native`` on CUDA)."""
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            ok[name] = fn
+        except Exception as exc:
+            print(f"[{what}: {name} n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}]")
+    return ok
 
 
 # ----------------------------------------------------------------------------- attention layers
@@ -196,16 +212,10 @@ def attention_table(title, module, limit, make_input, call, timer, device, flex:
                 call(m, x)
         return run
 
-    infer = {}
-    for name, m in variants.items():
+    for m in variants.values():
         m.eval()
-        try:
-            with torch.inference_mode():
-                call(m, x)
-            infer[name] = infer_fn(m)
-        except Exception as exc:  # e.g. flex with a value term: reported as n/a with the reason
-            print(f"[{title}: {name} inference n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}]")
-    infer_t = timer.interleaved(infer)
+    infer_t = timer.interleaved(runnable({name: infer_fn(m) for name, m in variants.items()}, f"{title}: inference"),
+                                warmup=False)
 
     xg = x.clone().requires_grad_(True)
 
@@ -217,17 +227,11 @@ def attention_table(title, module, limit, make_input, call, timer, device, flex:
             call(m, xg).sum().backward()
         return run
 
-    train = {}
-    for name, m in variants.items():
-        if name == "flex" and device.type == "cpu":
-            continue  # FlexAttention has no CPU backward
+    for m in variants.values():
         m.train()
-        try:
-            call(m, xg).sum().backward()
-            train[name] = train_fn(m)
-        except Exception as exc:
-            print(f"[{title}: {name} fwd+bwd n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}]")
-    train_t = timer.interleaved(train)
+    train = {name: train_fn(m) for name, m in variants.items()
+             if not (name == "flex" and device.type == "cpu")}  # FlexAttention has no CPU backward
+    train_t = timer.interleaved(runnable(train, f"{title}: fwd+bwd"), warmup=False)
     print_table(title, rows, infer_t, train_t, "limit", note)
     return infer_t, train_t
 
@@ -276,13 +280,18 @@ def rpa_table(args, timer, device):
     auto_choice = _chosen(variants["auto"], lambda m: m(x))
     rows = [("auto", f"ours, `auto` (chose `{auto_choice}`)"), ("native", "ours, `native`"),
             ("sdpa", "ours, `sdpa` (explicit: the value term needs the probabilities)"),
-            ("reference", "the original's formulation (`reference`: per head, tables expanded, index gathers)"),
+            ("reference", "the original's formulation (`reference`: per head, tables expanded, index gathers; its own 3 rounds)"),
             ("plain", "plain block (`rpa_mode=None`), `auto` = SDPA"),
             ("plain_reference", "plain block, explicit softmax (`reference`)")]
-    infer = {n: (lambda m=m: _no_grad(m, x)) for n, m in variants.items()}
+    infer = runnable({n: (lambda m=m: _no_grad(m, x)) for n, m in variants.items()}, "rpa inference")
     xg = x.clone().requires_grad_(True)
-    train = {n: (lambda m=m: m(xg).sum().backward()) for n, m in variants.items()}
-    infer_t, train_t = timer.interleaved(infer), timer.interleaved(train)
+    train = runnable({n: (lambda m=m: m(xg).sum().backward()) for n, m in variants.items()}, "rpa fwd+bwd")
+    # the original's formulation takes 50-80x as long (a minute a round at 32x32 on 2 cores): its own
+    # three rounds, after the others' interleaved ones; its ratio needs no more precision than that
+    slow = Timer(device, min(3, timer.runs), timer.clock)
+    infer_t, train_t = ({**timer.interleaved({n: f for n, f in fns.items() if n != "reference"}, warmup=False),
+                         **slow.interleaved({n: f for n, f in fns.items() if n == "reference"}, warmup=False)}
+                        for fns in (infer, train))
     title = (f"MultiheadNonlocal2d(64, num_heads=2, relative_position, slerp, k 5), input 2x64x{size[0]}x{size[1]} "
              f"(the SDPA column: the plain block on SDPA)")
     ratio = train_t["auto"][0] / train_t["plain"][0]
@@ -301,25 +310,93 @@ def sasa_table(args, timer, device, flex: bool):
     layer = SASAttention2d(64, 128, kernel_size=7, heads=8).to(device)
     x = torch.randn(2, 64, size, size, device=device)
     backends = ["native", *(["flex"] if flex else []), "reference"]
-    infer = {}
-    for b in backends:
-        try:
-            _no_grad(lambda t, b=b: layer(t, backend=b), x)
-            infer[b] = (lambda b=b: _no_grad(lambda t: layer(t, backend=b), x))
-        except Exception as exc:
-            print(f"[sasa: {b} n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}]")
-    infer_t = timer.interleaved(infer)
+    infer_t = timer.interleaved(runnable({b: (lambda b=b: _no_grad(lambda t: layer(t, backend=b), x))
+                                          for b in backends}, "sasa inference"), warmup=False)
     xg = x.clone().requires_grad_(True)
     train = {b: (lambda b=b: layer(xg, backend=b).sum().backward()) for b in backends
-             if b in infer and not (b == "flex" and device.type == "cpu")}
+             if b in infer_t and not (b == "flex" and device.type == "cpu")}
     if args.quick is False and device.type == "cpu":
         train.pop("reference", None)  # 8 s a step on 2 cores; its inference row shows the gap
-    train_t = timer.interleaved(train)
-    auto = "flex" if device.type == "cuda" and "flex" in infer and relative_attn.flex_available(device) else "native"
+    train_t = timer.interleaved(runnable(train, "sasa fwd+bwd"), warmup=False)
+    auto = "flex" if device.type == "cuda" and "flex" in infer_t and relative_attn.flex_available(device) else "native"
     rows = [(b, f"`{b}`" + (" (what `auto` picks here)" if b == auto else "")) for b in backends]
     print_table(f"SASAttention2d(64, 128, kernel_size=7, heads=8), input 2x64x{size}x{size} (vs SDPA column: vs the "
                 f"native kernel)", rows, infer_t, train_t, "native",
                 "Goal (GPU): FlexAttention at k=7, 56x56 no slower than the native op's CUDA kernel.")
+
+
+# ----------------------------------------------------------------------------- what auto picks, per shape
+
+SWEEP_SHAPES = ((1, 4, 4, 64, 2), (2, 7, 7, 192, 3), (2, 8, 8, 192, 3), (2, 12, 12, 384, 6), (2, 14, 14, 384, 6),
+                (2, 25, 34, 256, 8), (32, 7, 7, 192, 3), (8, 14, 14, 384, 6))  # (batch, h, w, d_model, heads)
+SWEEP_TERMS = (("plain", ""), ("k", "rpe-2.0-product-ctx-1-k"), ("bias qk", "rpe-1.9-euc-bias-0-qk"),
+               ("qkv", "rpe-2.0-product-ctx-1-qkv"))
+
+
+def _sweep_problem(spec: str, batch: int, h: int, w: int, d_model: int, heads: int, dtype, device):
+    """q, k, v (B, heads, L, d) and the iRPE terms of ``spec`` as relative_attention takes them."""
+    torch.manual_seed(0)
+    module = RPEMultiheadAttention(d_model, heads, rpe_config=rpe_config_from_spec(spec) if spec else None)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "rpe" in name:
+                p.normal_(0, 0.05)
+    module = module.to(device, dtype)
+    L, d = h * w, d_model // heads
+    x = torch.randn(L, batch, d_model, device=device, dtype=dtype)
+    with torch.no_grad():
+        q, k, v = (t.reshape(L, batch, heads, d).permute(1, 2, 0, 3).contiguous() for t in module._project(x, x, x))
+        q = q * d ** -0.5
+        terms = {}
+        for name, rpe, inp in (("query_term", module.rpe_k, q), ("key_term", module.rpe_q, k * d ** -0.5),
+                               ("value_term", module.rpe_v, None)):
+            if rpe is not None:
+                terms[name] = relative_attn.Term(rpe.per_bucket(inp).contiguous(), rpe.pair_taps(L, h, w, device))
+    return (q, k, v), terms
+
+
+def sweep_table(args, timer, device):
+    """relative_attention itself (no projections) on the two candidate paths of ``auto`` per shape and dtype:
+    the rule of zoo.ops.relative_attn.choose_backend, measured."""
+    candidates = ("native", "sdpa") if device.type == "cpu" else ("flex", "sdpa")
+    cases = [(shape, label, spec, torch.float32) for shape in SWEEP_SHAPES for label, spec in SWEEP_TERMS]
+    cases += [(shape, label, spec, dtype) for dtype in (torch.bfloat16, torch.float16)
+              for shape in SWEEP_SHAPES[1:6:2] for label, spec in SWEEP_TERMS[:2]]
+    if args.quick:
+        cases = [c for c in cases if c[0][1] * c[0][2] <= 196]
+    print(f"\nWhat `auto` picks, per shape and dtype: relative_attention alone, `{candidates[0]}` vs `sdpa` "
+          f"(ms, median of {timer.runs}; **bold**: the faster; the pick is marked ✓ when it is the faster or "
+          f"within 10 %)\n")
+    print(f"| batch, grid, heads x d | terms | dtype | inference {' / '.join(candidates)} | `auto` picks | "
+          f"fwd+bwd {' / '.join(candidates)} | `auto` picks |\n|---|---|---|---:|---|---:|---|")
+    for (batch, h, w, d_model, heads), label, spec, dtype in cases:
+        (q, k, v), terms = _sweep_problem(spec, batch, h, w, d_model, heads, dtype, device)
+        if candidates[0] == "flex" and "value_term" in terms:
+            continue
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        grad_terms = {n: relative_attn.Term(t.values.detach().requires_grad_(True), t.taps) for n, t in terms.items()}
+
+        def infer_fn(b):
+            def run():
+                with torch.inference_mode():
+                    relative_attn.relative_attention(q, k, v, **terms, backend=b)
+            return run
+
+        def train_fn(b):
+            return lambda: relative_attn.relative_attention(*leaves, **grad_terms, backend=b).sum().backward()
+
+        cells = []
+        for make, inputs, mode in ((infer_fn, (q, terms), "inference"), (train_fn, (leaves[0], grad_terms), "train")):
+            t = timer.interleaved({b: make(b) for b in candidates})
+            with (torch.inference_mode() if mode == "inference" else torch.enable_grad()):
+                pick = relative_attn.choose_backend("auto", inputs[0], **inputs[1])
+            fastest = min(t, key=lambda b: t[b][0])
+            good = pick in t and t[pick][0] <= 1.1 * t[fastest][0]
+            cells.append(" / ".join(f"**{t[b][0] * 1e3:.2f}**" if b == fastest else f"{t[b][0] * 1e3:.2f}"
+                                    for b in candidates))
+            cells.append(f"`{pick}` {'✓' if good else '✗'}")
+        print(f"| {batch}, {h}x{w}, {heads}x{d_model // heads} | {label} | {str(dtype).replace('torch.', '')} | "
+              + " | ".join(cells) + " |", flush=True)
 
 
 def _load_original_rpa_ops():
@@ -366,7 +443,7 @@ def rpa_ops_table(args, timer, device):
                 return tuple(original.query_bwd(g.contiguous(), a, b, H, W))
 
         checks["original"] = lambda: torch.autograd.gradcheck(Original.apply, (qd, ad))
-    g = Timer(device, 1, "wall" if timer.now is time.perf_counter else "thread").interleaved(checks)
+    g = Timer(device, 1, timer.clock).interleaved(checks)
     print(f"\nRPA drop-in ops, 8x8 map, query 2x16x64, table 16x15x15, forward (median of {timer.runs})\n")
     print("| op | ours ms | original op's algorithm ms | ours / original | reference formulation ms |\n"
           "|---|---:|---:|---:|---:|")
@@ -400,34 +477,34 @@ def models_table(args, device):
     timer = Timer(device, args.model_runs, args.clock)
     dh, dw = args.detr_size
     clips, frames = args.rsa
-    cases = [
-        (f"DETR-R50 + iRPE rpe-2.0-product-ctx-1-k, {args.detr_batch}x3x{dh}x{dw}",
+    cases = [  # (--skip-models name, label, model, input shape, images per input, today's backend, changed here)
+        ("detr", f"DETR-R50 + iRPE rpe-2.0-product-ctx-1-k, {args.detr_batch}x3x{dh}x{dw}",
          lambda: build_detr(enc_rpe2d="rpe-2.0-product-ctx-1-k"), (args.detr_batch, 3, dh, dw), args.detr_batch,
          "reference", True),
-        (f"RGA-SC ResNet-50, {args.rga_batch}x3x256x128", lambda: rga_sc_resnet50(num_classes=751),
+        ("rga", f"RGA-SC ResNet-50, {args.rga_batch}x3x256x128", lambda: rga_sc_resnet50(num_classes=751),
          (args.rga_batch, 3, 256, 128), args.rga_batch, None, False),
-        (f"RSANet-R50, {clips} clips x {frames} frames at 224", lambda: rsanet_r50(num_segments=frames),
+        ("rsanet", f"RSANet-R50, {clips} clips x {frames} frames at 224", lambda: rsanet_r50(num_segments=frames),
          (clips, 3, frames, 224, 224), clips * frames, None, False),
-        (f"SASA-ResNet26, {args.sasa_batch}x3x224x224", sasa_resnet26, (args.sasa_batch, 3, 224, 224),
+        ("sasa", f"SASA-ResNet26, {args.sasa_batch}x3x224x224", sasa_resnet26, (args.sasa_batch, 3, 224, 224),
          args.sasa_batch, "native", device.type == "cuda"),
     ]
     print(f"\nWhole models, inference, images/s (frames/s for RSANet), median of {args.model_runs} interleaved runs\n")
     print("| model | today's formulation | new default (`auto`) | speed-up |\n|---|---:|---:|---:|")
-    for label, make, shape, images, today_backend, changed in cases:
-        if label.split(",")[0].split()[0].lower().replace("-", "_") in args.skip_models:
+    for name, label, make, shape, images, today_backend, changed in cases:
+        if name in args.skip_models:
             continue
         torch.manual_seed(0)
         model = make().to(device).eval()
         x = torch.randn(*shape, device=device)
         if not changed:  # this issue changes no layer of this model here: one code path, measured once
             t = timer.interleaved({"new": lambda: _no_grad(model, x)})
-            print(f"| {label} | same code | {images / t['new'][0]:.2f} | 1.00x (unchanged) |")
+            print(f"| {label} | same code | {images / t['new'][0]:.3g} (±{t['new'][1] * 50:.0f}%) | 1.00x (unchanged) |")
             continue
         today = copy.deepcopy(model)
         _set_attention_backend(today, today_backend)
         t = timer.interleaved({"today": lambda: _no_grad(today, x), "new": lambda: _no_grad(model, x)})
-        print(f"| {label} | {images / t['today'][0]:.2f} | {images / t['new'][0]:.2f} | "
-              f"{t['today'][0] / t['new'][0]:.2f}x |")
+        print(f"| {label} | {images / t['today'][0]:.3g} (±{t['today'][1] * 50:.0f}%) | {images / t['new'][0]:.3g} "
+              f"(±{t['new'][1] * 50:.0f}%) | {t['today'][0] / t['new'][0]:.2f}x |")
         del today
     print("\ntoday's formulation: attention layers on `reference` (DETR: explicit logits with the fast index "
           "step, as before this change; SASA on CUDA: the native kernel). RGA and RSA have no attention this "
@@ -436,7 +513,7 @@ def models_table(args, device):
 
 # ----------------------------------------------------------------------------- main
 
-TABLES = ("detr_plain", "irpe_k", "irpe_qkv", "deit", "rpa", "sasa", "rpa_ops", "models")
+TABLES = ("detr_plain", "irpe_k", "irpe_qkv", "deit", "rpa", "sasa", "rpa_ops", "sweep", "models")
 
 
 def main(argv=None) -> None:
@@ -498,6 +575,8 @@ def main(argv=None) -> None:
         sasa_table(args, timer, device, flex)
     if "rpa_ops" in args.tables:
         rpa_ops_table(args, timer, device)
+    if "sweep" in args.tables:
+        sweep_table(args, timer, device)
     if "models" in args.tables:
         if args.quick:
             args.detr_size, args.rga_batch, args.rsa, args.sasa_batch = (384, 576), 2, (1, 4), 1

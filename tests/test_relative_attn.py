@@ -103,7 +103,7 @@ def _run(backend, qkv, terms, extra, dropout_p=0.0):
     leaves = [t.detach().clone().requires_grad_(True) for t in qkv]
     terms = {name: Term(t.values.detach().clone().requires_grad_(True), t.taps) for name, t in terms.items()}
     out = relative_attention(*leaves, **terms, **extra, dropout_p=dropout_p, backend=backend)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
     inputs = leaves + [t.values for t in terms.values()]
     return out.detach(), torch.autograd.grad((out * upstream).sum(), inputs)
 
@@ -214,12 +214,46 @@ def test_what_auto_chooses(native, monkeypatch):
     q = qkv[0]
     assert ra.choose_backend("auto", q) == "sdpa"                               # no relative terms
     assert ra.choose_backend("auto", q, **terms) == "native"                    # CPU: the fused kernel
+    assert ra.choose_backend("auto", q.float(), **terms) == "native"
     grad_bias = torch.zeros(35, 35, dtype=q.dtype, requires_grad=True)
     assert ra.choose_backend("auto", q, **terms, attn_bias=grad_bias) == "sdpa"  # no mask gradient in native
+    # per shape: bias tables broadcast over a large batch, in inference: SDPA builds one shared bias
+    taps = terms["query_term"].taps
+    table = Term(torch.zeros(1, 3, 1, taps.num_entries, dtype=q.dtype), taps)
+    batch8 = torch.zeros(8, 3, 35, 8, dtype=q.dtype)
+    assert ra.choose_backend("auto", batch8, query_term=table, key_term=table) == "sdpa"
+    assert ra.choose_backend("auto", batch8[:4], query_term=table, key_term=table) == "native"   # small batch
+    assert ra.choose_backend("auto", batch8.requires_grad_(), query_term=table) == "native"      # training
+    assert ra.choose_backend("auto", batch8, query_term=table, value_term=table) == "native"     # value term
+    assert ra.choose_backend("auto", torch.zeros(8, 3, 400, 8), query_term=table) == "native"   # bias too big
+    # per dtype, without terms: float16 always the kernel; bfloat16 the kernel where gradients are needed
+    assert ra.choose_backend("auto", q.half()) == "native"
+    assert ra.choose_backend("auto", q.bfloat16()) == "sdpa"
+    assert ra.choose_backend("auto", q.bfloat16().requires_grad_()) == "native"
+    with torch.no_grad():
+        assert ra.choose_backend("auto", q.bfloat16().requires_grad_()) == "sdpa"
+    assert ra.choose_backend("auto", q.bfloat16(), **terms) == "native"
     assert ra.choose_backend("sdpa", q, **terms) == "sdpa"                     # forced
     monkeypatch.setenv("RELZOO_OPS", "reference")
     assert ra.choose_backend("auto", q, **terms) == "reference"
     assert ra.choose_backend("native", q, **terms) == "native"                  # explicit wins
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_auto_follows_the_reference(native, dtype):
+    """The half types take the kernel on "auto" (plain attention too): forward and gradients close to the
+    float32 reference, output and gradients in the input's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 70, 16, generator=gen) for _ in range(3))
+    padding = torch.zeros(2, 70, dtype=torch.bool)
+    padding[1, -9:] = True
+    ref, ref_grads = _run("reference", (q, k, v), {}, {"key_padding_mask": padding})
+    assert ra.choose_backend("auto", q.to(dtype).requires_grad_()) == "native"
+    out, grads = _run("auto", tuple(t.to(dtype) for t in (q, k, v)), {}, {"key_padding_mask": padding})
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_rel_close(out.float(), ref, 2e-2, "output")
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g.float(), r, 3e-2, "gradient")
 
 
 # ---------------------------------------------------------------------------------------------- taps
@@ -284,7 +318,9 @@ def test_every_attention_of_the_models_runs_fused(native, monkeypatch):
              (VisionTransformer(img_size=32, embed_dim=16, depth=2, num_heads=2,
                                 rpe_config=get_rpe_config(1.9, "product", "ctx", True, 1, "qkv")),
               torch.randn(1, 3, 32, 32), {"sdpa": 0, "native": 2}),
-             (MultiheadNonlocal2d(4, num_heads=2), torch.randn(1, 4, 5, 5), {"sdpa": 1, "native": 0})]
+             (MultiheadNonlocal2d(4, num_heads=2), torch.randn(1, 4, 5, 5), {"sdpa": 1, "native": 0}),
+             (MultiheadNonlocal2d(4, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3),
+              torch.randn(1, 4, 5, 5), {"sdpa": 0, "native": 1})]
     for model, x, expected in cases:
         calls.update(sdpa=0, native=0)
         with torch.no_grad():
@@ -415,6 +451,70 @@ def test_float32_random_shapes_with_masks(native, spec, skip):
         for backend in ("native", "sdpa"):
             for i, (ours, ref) in enumerate(zip(results[backend], results["reference"])):
                 assert_rel_close(ours, ref, 1e-5, f"{spec} batch {batch} {backend} tensor {i}")
+
+
+# (layer, input shape, forward kwargs): odd maps, skip tokens, batch 1, 1-D and 3-D grids
+LAYERS_FLOAT32 = {
+    "deit_cross_qkv_cls_batch1": (lambda: RPEAttention(24, 3, qkv_bias=True, rpe_config=get_rpe_config(
+        1.9, "cross", "ctx", False, 1, "qkv")), (1, 1 + 9 * 7, 24), {"hw": (9, 7)}),
+    "deit_product_k_skip2": (lambda: RPEAttention(24, 3, rpe_config=get_rpe_config(2.0, "product", "ctx", True, 2, "k")),
+                             (3, 2 + 5 * 13, 24), {"hw": (5, 13)}),
+    "deit_euc_bias_qk_small": (lambda: RPEAttention(16, 2, rpe_config=get_rpe_config(1.9, "euc", "bias", False, 1,
+                                                                                      "qk")), (2, 1 + 3 * 5, 16),
+                               {"hw": (3, 5)}),
+    "rpa_2d_odd_batch1": (lambda: MultiheadNonlocal2d(6, 3, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3,
+                                                      rpa_interpolation="slerp", rpa_zero_init=False), (1, 6, 9, 11), {}),
+    "rpa_2d_distance_strided": (lambda: MultiheadNonlocal2d(6, 4, num_heads=2, kernel_size=3, stride=2, padding=1,
+                                                            rpa_mode="relative_distance", rpa_kernel_size=4,
+                                                            rpa_interpolation="lerp", rpa_zero_init=False),
+                                (3, 6, 15, 13), {}),
+    "rpa_3d": (lambda: MultiheadNonlocal3d(6, 3, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3,
+                                           rpa_zero_init=False), (1, 6, 3, 5, 7), {}),
+    "rpa_1d_batch1": (lambda: MultiheadNonlocal1d(6, 3, rpa_mode="relative_position", rpa_kernel_size=5,
+                                                  rpa_zero_init=False), (1, 6, 97), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS_FLOAT32))
+def test_float32_layers_on_every_fused_path(native, case):
+    """DeiT's attention and the RPA blocks in float32: every fused path (and what "auto" picks) within 1e-5
+    relative of the reference formulation, output and every gradient (input and parameters)."""
+    make, shape, kwargs = LAYERS_FLOAT32[case]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():  # iRPE tables start at zero, which would hide their terms
+            p.normal_(0.0, 0.3)
+    x = torch.randn(shape)
+    results = {}
+    for backend in ("reference", "auto", "native", "sdpa"):
+        layer.backend = backend
+        xg = x.clone().requires_grad_(True)
+        out = layer(xg, **kwargs)
+        out.square().sum().backward()
+        results[backend] = [out, xg.grad] + [p.grad for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+    for backend in ("auto", "native", "sdpa"):
+        for i, (ours, ref) in enumerate(zip(results[backend], results["reference"])):
+            assert_rel_close(ours, ref, 1e-5, f"{case} {backend} tensor {i}")
+
+
+def test_fused_path_overhead_is_paid_once_per_shape(native, monkeypatch):
+    """Repeated calls at one size build an iRPE module's taps once (a new size once more) and never the
+    (L, L) bucket map or pair entries the reference and SDPA paths read."""
+    built = []
+    real = irpe._bucket_ids_of_offsets
+    monkeypatch.setattr(irpe, "_bucket_ids_of_offsets", lambda *args: built.append(args[1].shape) or real(*args))
+    irpe._TAPS_CACHE.clear()
+    irpe._BUCKET_CACHE.clear()
+    attn = RPEMultiheadAttention(32, 2, rpe_config=rpe_config_from_spec("rpe-2.0-product-ctx-1-k")).eval()
+    with torch.inference_mode():
+        for h, w in ((9, 11), (9, 11), (9, 11), (10, 7), (9, 11), (10, 7)):
+            x = torch.randn(h * w, 2, 32)
+            attn(x, x, x, need_weights=False, hw=(h, w))
+    assert built == [(17 * 21, 2), (19 * 13, 2)]  # one per size: the bucket of every offset, (O, 2)
+    taps = attn.rpe_k.pair_taps(99, 9, 11)
+    assert "pairs" not in taps._cache and len(irpe._BUCKET_CACHE._data) == 0
 
 
 def test_need_weights_returns_the_probabilities():

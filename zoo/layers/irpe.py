@@ -383,14 +383,15 @@ class iRPE(nn.Module):
             return self.lookup_table_weight
         if self.mode == "bias":
             return self.lookup_table_bias.view(1, self.num_heads, 1, self.num_buckets)
-        B, heads, L, d = x.shape
+        _, heads, _, d = x.shape
         if d != self.head_dim:
             raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit head_dim {self.head_dim}")
         if self.num_heads not in (1, heads):
             raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
-        # (heads, B*L, d) @ (table heads, d, nb)
-        per_bucket = torch.matmul(x.transpose(0, 1).reshape(heads, B * L, d), self.lookup_table_weight)
-        return per_bucket.view(heads, B, L, self.num_buckets).transpose(0, 1)
+        # (B, heads, L, d) @ (table heads, d, nb): contiguous (B, heads, L, nb), the layout the fused kernel
+        # reads; a shared table is one (B heads L, d) @ (d, nb) product
+        weight = self.lookup_table_weight
+        return torch.matmul(x, weight[0] if self.num_heads == 1 else weight)
 
     def _get_rp_bucket(self, x: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None):
         """(L, L) int64 bucket ids for ``x``'s token count (plus an int32 copy for the native op)."""
@@ -630,18 +631,25 @@ def _add_rpe_logits(attn: torch.Tensor, q_scaled: torch.Tensor, k_scaled: torch.
     return attn
 
 
-def _relative_terms(q_scaled: torch.Tensor, k_scaled: Optional[torch.Tensor], rpe_q, rpe_k, rpe_v,
-                    hw: Optional[Sequence[int]]) -> dict:
-    """The iRPE terms as :func:`~zoo.ops.relative_attn.relative_attention` takes them: rpe_k on the
-    queries (``query_term``), rpe_q on the keys acting as queries (``key_term``), rpe_v (``value_term``);
-    per-bucket values (B, heads, L, nb) (bias mode: the table) and the modules' cached taps."""
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, rpe_q, rpe_k, rpe_v,
+                     hw: Optional[Sequence[int]], **kwargs) -> torch.Tensor:
+    """:func:`~zoo.ops.relative_attn.relative_attention` of q (already scaled), k, v (B, heads, L, d) with
+    the iRPE terms: rpe_k on the queries (``query_term``), rpe_q on the keys acting as queries
+    (``key_term``), rpe_v (``value_term``); per-bucket values (B, heads, L, nb) (bias mode: the table) and
+    the modules' cached taps. ``kwargs``: the masks, dropout and backend."""
+    if any(m is not None for m in (rpe_q, rpe_k, rpe_v)):
+        # the native kernel reads contiguous rows, and the per-bucket products of contiguous q, k come out
+        # in its (B, heads, L, nb) layout: one copy each here instead of copies of q and of the products later
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     h, w = (hw if hw is not None else (None, None))
-    L, device = q_scaled.shape[2], q_scaled.device
+    L, device = q.shape[2], q.device
 
     def term(module, x):
         return None if module is None else Term(module.per_bucket(x), module.pair_taps(L, h, w, device))
 
-    return dict(query_term=term(rpe_k, q_scaled), key_term=term(rpe_q, k_scaled), value_term=term(rpe_v, None))
+    k_scaled = k * scaling if rpe_q is not None else None
+    return relative_attention(q, k, v, query_term=term(rpe_k, q), key_term=term(rpe_q, k_scaled),
+                              value_term=term(rpe_v, None), **kwargs)
 
 
 def _check_hw(hw, L: int) -> Optional[tuple]:
@@ -679,8 +687,10 @@ def _additive(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
 
 _BACKENDS_DOC = """
     Backends (``backend=``, kept as the ``backend`` attribute; :data:`zoo.ops.backend.ATTENTION_BACKENDS`):
-    ``"auto"`` (default) the fastest path for the device (:func:`zoo.ops.relative_attn.choose_backend`:
-    SDPA without relative terms; with them the native fused kernel on CPU, FlexAttention on CUDA),
+    ``"auto"`` (default) the fastest path for the device, dtype and shape
+    (:func:`zoo.ops.relative_attn.choose_backend`: in float32 SDPA without relative terms; with them the
+    native fused kernel on CPU (SDPA with one shared bias for bias-mode tables over a large batch in
+    inference), FlexAttention on CUDA),
     ``"sdpa"``, ``"flex"``, ``"native"``, or ``"reference"``, the original formulation (materialised
     logits, iRPE modules on their own ``backend``). Every path gives the reference's outputs and gradients;
     where the attention probabilities are asked for (``need_weights=True``) the reference runs, since the
@@ -814,20 +824,18 @@ class RPEMultiheadAttention(nn.Module):
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         S = k.shape[2]
         attn_mask, key_padding_mask = _attention_masks(attn_mask, key_padding_mask, N, heads, L, S)
-        k_scaled = k * scaling if self.rpe_q is not None else None
 
         what = "RPEMultiheadAttention backend"
         if not need_weights and resolve(self.backend, ATTENTION_BACKENDS, what) != "reference":
-            out = relative_attention(
-                q, k, v, **_relative_terms(q, k_scaled, self.rpe_q, self.rpe_k, self.rpe_v, hw),
-                attn_bias=_additive(attn_mask, q.dtype),
-                key_padding_mask=None if key_padding_mask is None else key_padding_mask.bool(),
-                dropout_p=self.dropout if self.training else 0.0, backend=self.backend, what=what)
+            out = _fused_attention(q, k, v, scaling, self.rpe_q, self.rpe_k, self.rpe_v, hw,
+                                   attn_bias=_additive(attn_mask, q.dtype),
+                                   key_padding_mask=None if key_padding_mask is None else key_padding_mask.bool(),
+                                   dropout_p=self.dropout if self.training else 0.0, backend=self.backend, what=what)
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, E)), None
 
         # the original formulation: logits materialised (and the probabilities, which need_weights returns)
         attn = torch.matmul(q, k.transpose(2, 3))  # (N, heads, L, S)
-        attn = _add_rpe_logits(attn, q, k_scaled, self.rpe_q, self.rpe_k, hw)
+        attn = _add_rpe_logits(attn, q, k * scaling if self.rpe_q is not None else None, self.rpe_q, self.rpe_k, hw)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool or attn_mask.dtype == torch.uint8:
                 attn = attn.masked_fill(attn_mask.bool(), float("-inf"))
@@ -881,15 +889,15 @@ class RPEAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, d)
         q = q * self.scale
-        k_scaled = k * self.scale if self.rpe_q is not None else None
         what = "RPEAttention backend"
         if resolve(self.backend, ATTENTION_BACKENDS, what) != "reference":
-            out = relative_attention(q, k, v, **_relative_terms(q, k_scaled, self.rpe_q, self.rpe_k, self.rpe_v, hw),
-                                     dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
-                                     what=what)
+            out = _fused_attention(q, k, v, self.scale, self.rpe_q, self.rpe_k, self.rpe_v, hw,
+                                   dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+                                   what=what)
         else:  # the original formulation
             attn = q @ k.transpose(-2, -1)
-            attn = _add_rpe_logits(attn, q, k_scaled, self.rpe_q, self.rpe_k, hw)
+            attn = _add_rpe_logits(attn, q, k * self.scale if self.rpe_q is not None else None, self.rpe_q,
+                                   self.rpe_k, hw)
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v
             if self.rpe_v is not None:

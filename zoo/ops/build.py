@@ -505,7 +505,9 @@ def use_native(name: str, backend: str, device_type: str) -> bool:
         return False
     if choice == "auto":
         return native_available(name, device_type)
-    if name not in _LOADED:  # once: afterwards a dict lookup, not the build recipe (hashing the sources)
+    # load once (afterwards a dict lookup, not the build recipe hashing the sources); under
+    # RELZOO_OPS=reference every time, since it is load() that refuses and says why
+    if name not in _LOADED or mode() == "reference":
         load(name)
     if not _KERNELS[name].get(device_type, False):
         raise OpsError(f"native op '{name}' has no kernel for device type '{device_type}' (a CPU-only build?)")

@@ -37,8 +37,21 @@ Backends (:data:`zoo.ops.backend.ATTENTION_BACKENDS`; :func:`choose_backend` is 
   backward (CPU: inference only, compiled on first use).
 * ``"reference"`` -- :func:`relative_attention_reference`, the definition (``torch.gather``).
 
-What stays unfused: the value term's ``G @ table`` product (small: (B, H, L, K) x (K, Dv)) is a
-separate matmul on every path, and the ``"sdpa"``/``"reference"`` paths materialise the L x L scores.
+The value term (iRPE ``rpe_v``, RPA's value table) keeps the bucket-scatter formulation: per query the
+probabilities summed per entry, G[i, e] (B, H, L, K), then ``G @ table``. How much of it is fused:
+
+* ``"native"``: G is accumulated inside the kernel from each block of probabilities while they are in
+  cache (no L x L probabilities are written); in backward the kernel gathers dG = dout @ table^T into
+  dP the same way. Unfused: the two small products ``G @ table`` and ``dout @ table^T``
+  ((B, H, L, K) x (K, Dv)) and the table's gradient ``G^T @ dout``, separate matmuls after the kernel.
+* ``"sdpa"``: nothing; SDPA returns no probabilities, so a call with a value term runs the explicit
+  formulation (L x L scores and probabilities materialised, G by ``scatter_add``).
+* ``"flex"``: not available (no probabilities either): a :class:`~zoo.errors.ConfigError`, and
+  ``"auto"`` never picks it for such a call.
+
+Otherwise the ``"sdpa"`` path materialises the L x L bias (product and cross taps without skip tokens by
+structured gathers, with no L x L index; the others through a cached L x L index), and ``"reference"``
+materialises everything.
 """
 from __future__ import annotations
 
@@ -417,16 +430,62 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Where the native kernel beats SDPA on the CPU: the per-shape sweep of benchmarks/attention.py
+# (``--tables sweep``, recorded in benchmarks/RESULTS.md, 2026-12-02), relative_attention alone, 1 thread:
+# * float32/float64 with relative terms: at every size from 4x4 to 25x34 (a tie at 4x4; 1.2-2x at 12x12
+#   to 14x14, 2-4.4x at DETR's 25x34), with a value term always (SDPA then has to materialise the scores:
+#   it returns no probabilities). One exception: terms that are tables broadcast over batch and queries
+#   (iRPE's bias mode), in inference, from this batch on, while the (1, H, L, L) bias SDPA builds once for
+#   the whole batch stays in cache: SDPA is 13-36 % faster (batch 8-32, 7x7 to 14x14); at 25x34 the
+#   kernel is 1.5x faster even so. (In fwd+bwd the two are within 15 % there.)
+_SDPA_BIAS_MIN_BATCH = 8
+_SDPA_BIAS_MAX_ENTRIES = 1 << 18   # H x L x L of the shared bias (1 MiB in float32)
+# * float16: CPU SDPA is 1.5-3x slower in the forward, up to 6.7x in fwd+bwd, than the kernel (which
+#   computes in float32);
+# * bfloat16: without terms SDPA's forward is as fast (1.4x faster at 7x7, 1.2x slower at 25x34), its
+#   fwd+bwd as fast at 7x7 and 3-5.7x slower from 12x12 on;
+# * float32 without terms: SDPA (the kernel's advantage is the terms: without them it is up to 2x slower
+#   at small sizes, as fast in the forward at 25x34 and 12 % faster in fwd+bwd there).
+
+
+def _shared_bias_is_cheaper(q: torch.Tensor, terms, wants_grad: bool) -> bool:
+    """The exception above: every query/key term a table broadcast over batch and queries, inference,
+    a large batch, a bias small enough to stay in cache."""
+    if wants_grad or not terms or any(t.values.shape[0] != 1 or t.values.shape[2] != 1 for t in terms):
+        return False
+    B, H, L, _ = q.shape
+    return B >= _SDPA_BIAS_MIN_BATCH and H * L * L <= _SDPA_BIAS_MAX_ENTRIES
+
+
+def _native_beats_sdpa(q: torch.Tensor, query_term, key_term, value_term, wants_grad: bool) -> bool:
+    """The CPU rule of :func:`choose_backend` (measurements above)."""
+    has_terms = any(t is not None for t in (query_term, key_term, value_term))
+    if q.dtype == torch.float16:
+        return True
+    if q.dtype == torch.bfloat16:
+        return has_terms or wants_grad
+    if not has_terms:
+        return False
+    return value_term is not None or not _shared_bias_is_cheaper(
+        q, [t for t in (query_term, key_term) if t is not None], wants_grad)
+
+
 def choose_backend(backend: str, q: torch.Tensor, *, query_term=None, key_term=None, value_term=None,
                    attn_bias=None, dropout_p: float = 0.0, what: str = "relative_attention backend") -> str:
     """The backend that runs (never ``"auto"``): ``backend`` itself, or what ``"auto"`` means here.
 
     ``"auto"`` (and ``RELZOO_OPS``, :func:`zoo.ops.backend.resolve`): ``RELZOO_OPS=reference`` -> the
-    reference; no relative terms -> ``"sdpa"``; CPU -> ``"native"`` when the kernel builds (under
-    ``RELZOO_OPS=native`` a failed build is an error), else ``"sdpa"``; CUDA -> ``"flex"`` where
-    FlexAttention runs and the call has no value term, no dropout and no ``attn_bias`` gradient,
-    else ``"sdpa"``. Measured on CPU (``benchmarks/attention.py``): the native kernel beats SDPA plus a
-    materialised bias at every size tried, and compiled FlexAttention is slower than both.
+    reference. Otherwise per device, dtype and shape, whichever path was measured fastest
+    (``benchmarks/attention.py``):
+
+    * CPU: the native kernel where it beats SDPA and builds (under ``RELZOO_OPS=native`` a failed build
+      is an error): float32/float64 with relative terms (except bias tables broadcast over a batch of 8
+      or more in inference, while the shared (1, H, L, L) bias has at most 2^18 entries), float16
+      always, bfloat16 with relative terms or when gradients are needed. Else ``"sdpa"`` (plain float32
+      attention; the shared bias; an ``attn_bias`` that needs a gradient, which the kernel does not
+      give). Compiled FlexAttention (forward only on the CPU) was slower than both.
+    * CUDA: ``"flex"`` for relative terms where FlexAttention runs and the call has no value term, no
+      dropout and no ``attn_bias`` gradient; else ``"sdpa"``.
     """
     choice = resolve(backend, ATTENTION_BACKENDS, what)
     device = q.device.type
@@ -436,16 +495,17 @@ def choose_backend(backend: str, q: torch.Tensor, *, query_term=None, key_term=N
         return choice
     if choice == "reference":  # RELZOO_OPS=reference
         return choice
-    if all(t is None for t in (query_term, key_term, value_term)):
-        return "sdpa"
+    has_terms = any(t is not None for t in (query_term, key_term, value_term))
     bias_grad = _wants_grad(attn_bias)
-    if device == "cpu" and not bias_grad:
+    wants_grad = _wants_grad(q, *(t.values for t in (query_term, key_term, value_term) if t is not None))
+    if device == "cpu" and not bias_grad and _native_beats_sdpa(q, query_term, key_term, value_term, wants_grad):
         if choice == "native":  # RELZOO_OPS=native: a kernel that does not build is an error
             use_native(OP_NAME, "native", device)
             return "native"
         if native_available(OP_NAME, device):
             return "native"
-    if device == "cuda" and value_term is None and dropout_p == 0 and not bias_grad and flex_available(q.device):
+    if device == "cuda" and has_terms and value_term is None and dropout_p == 0 and not bias_grad and \
+            flex_available(q.device):
         return "flex"
     return "sdpa"
 
