@@ -74,3 +74,16 @@ def test_compare_matches_reported_rows_by_metric_and_dataset():
     assert rows[1].reported is None
     table = EvalResult("m", "tag", "imagenet", "imagenet", 10, True, rows).table()
     assert "| top1 | 80.00 | 79.50 | -0.50 | paper |" in table and "--limit" in table
+
+
+def test_shard_batches_deals_the_one_process_batches_whole():
+    from zoo.eval.runner import shard_batches
+
+    one = shard_batches(21, 8, 0, 1)
+    assert one == [list(range(0, 8)), list(range(8, 16)), list(range(16, 21))]
+    for world in (2, 3, 5):
+        shards = [shard_batches(21, 8, rank, world) for rank in range(world)]
+        assert sorted(b for shard in shards for b in shard) == one  # the same batches, each once
+        assert shards[0][0] == one[0] and (world < 4 or shards[3] == [])
+    with pytest.raises(ValueError, match="batch_size"):
+        shard_batches(10, 0, 0, 1)

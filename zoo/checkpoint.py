@@ -278,5 +278,6 @@ def as_state_dict(obj: Any, where: Any) -> dict[str, Tensor]:
     if isinstance(obj, Mapping):
         keys = ", ".join(map(str, list(obj)[:10]))
         raise CheckpointError(f"{where} is not a flat state dict (top-level keys: {keys}); it is an original "
-                              f"training checkpoint: pass converter=<map in convert/> (see `python -m zoo convert`)")
+                              f"training checkpoint: convert it (`python -m zoo convert SRC --out DIR`, or "
+                              f"create_model(name, weights=SRC, converter=<map in convert/>))")
     raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict")

@@ -41,7 +41,7 @@ def _cmd_convert(args) -> int:
 
     kwargs = json.loads(args.kwargs) if args.kwargs else None
     out = convert_checkpoint(args.src, args.from_map, args.out, model_name=args.model, model_kwargs=kwargs,
-                             strict=not args.non_strict)
+                             strict=not args.non_strict, ema=args.ema)
     print(f"converted {args.src} -> {out}")
     return 0
 
@@ -98,7 +98,8 @@ def _cmd_train(args) -> int:
     out = train(args.name, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
-                preprocessing=preprocessing, **overrides)
+                preprocessing=preprocessing, same_size_batches=args.same_size_batches, init=args.init,
+                **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -148,12 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert an original checkpoint to safetensors",
                        description="Convert an original project's checkpoint into a RelZoo folder "
-                                   "(model.safetensors + config.json + README.md).")
-    p.add_argument("--from", dest="from_map", required=True, metavar="FAMILY",
-                   help="conversion map in convert/ (e.g. rga, rsa, irpe-detr, irpe-deit, sasa-leader, torchvision-resnet)")
+                                   "(model.safetensors + config.json + README.md). The target model and map are "
+                                   "read from what the checkpoint records (DETR/DeiT args, leaderj1001 arch), "
+                                   "else found by its key/shape signature among the registered models.")
+    p.add_argument("--from", dest="from_map", metavar="MAP",
+                   help="conversion map in convert/ (e.g. rga, rsa, irpe-detr, irpe-deit, sasa-leader, torchvision-resnet; "
+                        "default: detected)")
     p.add_argument("src", help="original checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", help="target model name (default: the map's target_model)")
+    p.add_argument("--model", help="target model name (default: detected; needed only when several fit)")
+    p.add_argument("--ema", action="store_true", help="convert the checkpoint's EMA weights (model_ema)")
     p.add_argument("--kwargs", help="JSON constructor kwargs of the target model, e.g. '{\"num_classes\": 751}'")
     p.add_argument("--non-strict", action="store_true", help="report but allow missing/unexpected keys")
     p.set_defaults(func=_cmd_convert)
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train", help="train a model on a dataset (deterministic on CPU)",
-        description="Train a registered model from scratch with its family's loss (set loss for DETR, "
+        description="Train a registered model from scratch (or from --init weights) with its family's loss (set loss for DETR, "
                     "CE + triplet for re-id, CE for classification and video) on a dataset in the format "
                     "of its eval protocol, and write model.safetensors + config.json + README.md.")
     p.add_argument("name", help="registered model name")
@@ -206,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="gradient clipping (default: 0.1 for DETR, none otherwise; 0 = off)")
     p.add_argument("--num-instances", type=int, default=4, help="re-id: K images per identity in a batch")
+    p.add_argument("--same-size-batches", type=float, default=0.0, metavar="FRACTION",
+                   help="detection: this share of each epoch's batches holds images of (nearly) one size, so they "
+                        "are not padded; a detector trained only on padded batches depends on the padding (default 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights (a tag, a RelZoo folder, a file) instead of the initialisation")
     p.add_argument("--limit", type=int, help="train on the first N samples only")
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")

@@ -14,7 +14,8 @@ A map file, field by field (all but ``name`` optional)::
     name: rga                          # must equal the file stem
     description: free text
     version: 1                         # bump when the map's output changes: part of the cache key
-    target_model: rga_sc_resnet50      # registry name that convert_checkpoint builds; null = caller gives it
+    target_model: rga_sc_resnet50      # the family's default target; null = caller gives it (no auto-detection)
+    auto_detect: true                  # false: a variant map that only an explicit --from selects
     container: [state_dict, model]     # keys tried in order to find the weights in a dict container
     strip_prefixes: ["module."]        # each stripped once, in order, where a key starts with it
     renames: [['^E_conv\\.', 'H1.']]   # re.sub(pattern, replacement, key), in order
@@ -22,7 +23,15 @@ A map file, field by field (all but ``name`` optional)::
     drop_if_absent: ['^fc\\.']         # removed only when the target state dict has no such key
     transforms: [{match: '\\.weight$', op: unsqueeze_temporal}]   # see TRANSFORMS
     num_batches_tracked: fill          # fill | keep | drop
-    hooks: {state_dict: 'zoo.models.x:f', model_kwargs: 'zoo.models.x:g'}
+    hooks: {state_dict: 'zoo.models.x:f', model_kwargs: 'zoo.models.x:g', model_name: 'zoo.models.x:h'}
+
+Hooks: ``state_dict(state_dict, checkpoint, target_state_dict) -> state_dict`` (a last step of the
+conversion), ``model_kwargs(checkpoint) -> dict`` (constructor kwargs the checkpoint records, e.g. DETR's
+``args``) and ``model_name(checkpoint) -> str | None`` (the registered model the checkpoint names, e.g.
+DeiT's ``args.model``). Which map and model fit a checkpoint is :mod:`zoo.detect`.
+
+Exponential-moving-average weights (``model_ema``, timm's ``state_dict_ema``) replace the container's
+weights with ``convert_state_dict(..., ema=True)``.
 """
 from __future__ import annotations
 
@@ -47,8 +56,8 @@ from zoo.errors import ConfigError, ConversionError
 from zoo.paths import convert_dir
 
 __all__ = [
-    "TRANSFORMS", "ConversionMap", "Transform", "convert_state_dict", "list_maps", "load_map", "register_transform",
-    "unwrap_container",
+    "EMA_KEYS", "TRANSFORMS", "ConversionMap", "Transform", "convert_state_dict", "ema_weights", "list_maps", "load_map",
+    "register_transform", "unwrap_container",
     # re-exported from zoo.checkpoint
     "LoadReport", "allowed_globals", "load_checkpoint", "load_into", "state_dict_signature",
 ]
@@ -107,7 +116,9 @@ class Transform:
 
 
 _NBT_MODES = ("fill", "keep", "drop")
-_HOOK_NAMES = ("state_dict", "model_kwargs")
+_HOOK_NAMES = ("state_dict", "model_kwargs", "model_name")
+#: Where training checkpoints keep EMA weights: DeiT's ``model_ema``, timm's train script's ``state_dict_ema``.
+EMA_KEYS = ("model_ema", "state_dict_ema")
 
 
 @dataclass
@@ -118,6 +129,7 @@ class ConversionMap:
     description: str = ""
     version: int = 1
     target_model: str | None = None
+    auto_detect: bool = True
     container: tuple[str, ...] = ()
     strip_prefixes: tuple[str, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()
@@ -192,17 +204,20 @@ class ConversionMap:
         target = data.get("target_model")
         if target is not None and not isinstance(target, str):
             raise fail("target_model", f"expected a registry name or null, got {target!r}")
+        auto_detect = data.get("auto_detect", True)
+        if not isinstance(auto_detect, bool):
+            raise fail("auto_detect", f"expected true or false, got {auto_detect!r}")
         description = data.get("description") or ""
         if not isinstance(description, str):
             raise fail("description", f"expected a string, got {description!r}")
 
         return cls(name=data["name"], description=description.strip(), version=version, target_model=target,
-                   container=str_list("container"), strip_prefixes=str_list("strip_prefixes"),
+                   auto_detect=auto_detect, container=str_list("container"), strip_prefixes=str_list("strip_prefixes"),
                    renames=tuple(renames), drops=regexes("drops"), drop_if_absent=regexes("drop_if_absent"),
                    transforms=tuple(transforms), num_batches_tracked=nbt, hooks=dict(hooks))
 
     def hook(self, which: str) -> Callable | None:
-        """Import and return ``hooks[which]`` (``'state_dict'`` or ``'model_kwargs'``), or None."""
+        """Import and return ``hooks[which]`` (``'state_dict'``, ``'model_kwargs'`` or ``'model_name'``), or None."""
         spec = self.hooks.get(which)
         if spec is None:
             return None
@@ -287,11 +302,25 @@ def unwrap_container(checkpoint: Any, container: tuple[str, ...] | list[str] = (
     return dict(tensors)
 
 
+def ema_weights(checkpoint: Any) -> dict[str, Tensor]:
+    """The EMA state dict of a training checkpoint (:data:`EMA_KEYS`); ConversionError when it has none."""
+    keys = list(checkpoint) if isinstance(checkpoint, Mapping) else []
+    for key in EMA_KEYS:
+        value = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
+        if isinstance(value, Mapping) and any(isinstance(v, Tensor) for v in value.values()):
+            return dict(value)
+    present = [k for k in EMA_KEYS if k in keys]
+    why = f"its {present[0]!r} is empty ({type(checkpoint[present[0]]).__name__})" if present else \
+        f"none of {list(EMA_KEYS)} is among its top-level keys ({', '.join(map(str, keys[:12]))})"
+    raise ConversionError(f"the checkpoint has no EMA weights: {why}; convert it without --ema / ema=True")
+
+
 def convert_state_dict(checkpoint: Any, cmap: ConversionMap | str,
-                       target_state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                       target_state_dict: Mapping[str, Tensor] | None = None, *, ema: bool = False) -> dict[str, Tensor]:
     """Map an original checkpoint's weights onto our key names.
 
-    Steps, in order: unwrap ``cmap.container``; strip prefixes; renames; drops (and
+    Steps, in order: unwrap ``cmap.container`` (with ``ema=True`` the EMA weights instead,
+    :func:`ema_weights`); strip prefixes; renames; drops (and
     ``drop_if_absent`` keys the target lacks); transforms; the ``state_dict`` hook
     ``f(state_dict, checkpoint, target_state_dict) -> state_dict``; then ``num_batches_tracked``:
     ``fill`` adds an int64 zero scalar for each one the target has and the result lacks (where that
@@ -303,7 +332,7 @@ def convert_state_dict(checkpoint: Any, cmap: ConversionMap | str,
     """
     if isinstance(cmap, str):
         cmap = load_map(cmap)
-    state = unwrap_container(checkpoint, cmap.container)
+    state = unwrap_container(ema_weights(checkpoint) if ema else checkpoint, cmap.container)
 
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}

@@ -54,6 +54,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -555,14 +556,15 @@ def read_folder_config(source: str | os.PathLike | Source) -> dict | None:
 
 
 def load_state_dict(source: str | os.PathLike | Source, *, sha256: str | None = None, converter: str | None = None,
-                    model: nn.Module | None = None) -> dict[str, Tensor]:
+                    model: nn.Module | None = None, ema: bool = False, checkpoint: Any = None) -> dict[str, Tensor]:
     """Fetch ``source`` and return its weights as a ``dict[str, Tensor]`` on the CPU.
 
     - A RelZoo folder (local or ``hf://org/repo``): its ``model.safetensors``.
     - ``converter`` given (an original checkpoint): converted with ``convert/<converter>.yaml``
       against ``model.state_dict()`` (when a model is given) the first time; the result is cached as
-      safetensors keyed by (source sha256, converter name, converter version, target layout) and
-      later calls read that instead.
+      safetensors keyed by (source sha256, converter name, converter version, target layout, ``ema``)
+      and later calls read that instead. ``ema``: convert the checkpoint's EMA weights
+      (:func:`zoo.convert.ema_weights`). ``checkpoint``: the file's content if the caller read it already.
     - Otherwise a ``.safetensors`` file or a flat state-dict pickle (a training container needs a
       converter: the error lists its top-level keys).
 
@@ -573,23 +575,28 @@ def load_state_dict(source: str | os.PathLike | Source, *, sha256: str | None = 
     if path.is_dir():
         return hub.load_folder_weights(path)
     if converter is None:
-        return as_state_dict(load_checkpoint(path), src.text)
+        if ema:
+            raise WeightsError(f"{src.text}: ema=True reads the EMA weights of a training checkpoint; name its "
+                               "conversion map with converter=")
+        return as_state_dict(load_checkpoint(path) if checkpoint is None else checkpoint, src.text)
 
     cmap = convert.load_map(converter)
     target = model.state_dict() if model is not None else None
     source_sha = _source_sha(path, src)
     layout = state_dict_signature(target) if target is not None else "any"
-    cached = hub_dir() / "converted" / cmap.name / f"v{cmap.version}" / f"{source_sha}-{layout}.safetensors"
+    cached = (hub_dir() / "converted" / cmap.name / f"v{cmap.version}" /
+              f"{source_sha}-{layout}{'-ema' if ema else ''}.safetensors")
     if cached.is_file():
         return load_checkpoint(cached)
     cached.parent.mkdir(parents=True, exist_ok=True)
     with _cache_lock(cached):
         if cached.is_file():
             return load_checkpoint(cached)
-        state = convert.convert_state_dict(load_checkpoint(path), cmap, target)
+        original = load_checkpoint(path) if checkpoint is None else checkpoint
+        state = convert.convert_state_dict(original, cmap, target, ema=ema)
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
         save_safetensors(state, tmp, metadata={
-            "format": "pt", "source": src.text, "source_sha256": source_sha,
+            "format": "pt", "source": src.text, "source_sha256": source_sha, "ema": str(ema).lower(),
             "converter": cmap.name, "converter_version": str(cmap.version)})
         os.replace(tmp, cached)
         logger.info("converted %s with map '%s' (v%d) into %s", src.text, cmap.name, cmap.version, cached)

@@ -215,3 +215,30 @@ def deit_small_patch16_224_ctx_quant_51_shared_k(**kwargs) -> VisionTransformer:
 def deit_small_patch16_224_ctx_cross_56_shared_k(**kwargs) -> VisionTransformer:
     """DeiT-S + iRPE (cross, ratio 20, contextual, shared, on keys); no released weights."""
     return _deit("small", 20, "cross", "k", **kwargs)
+
+
+# Conversion hooks (convert/irpe-deit.yaml): the original's main.py saves its argparse args.
+
+def _args(checkpoint) -> dict:
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if args is None:
+        return {}
+    return dict(vars(args)) if hasattr(args, "__dict__") else dict(args)
+
+
+def model_from_checkpoint(checkpoint) -> Optional[str]:
+    """``model_name`` hook: the timm model name the run trained (``args.model``), or None."""
+    name = _args(checkpoint).get("model")
+    return name if isinstance(name, str) else None
+
+
+def kwargs_from_checkpoint(checkpoint) -> dict:
+    """``model_kwargs`` hook: ``num_classes`` (``args.nb_classes``) and ``img_size`` (``args.input_size``)
+    where the run recorded them."""
+    args = _args(checkpoint)
+    kwargs = {}
+    if isinstance(args.get("nb_classes"), int):
+        kwargs["num_classes"] = args["nb_classes"]
+    if isinstance(args.get("input_size"), int):
+        kwargs["img_size"] = args["input_size"]
+    return kwargs

@@ -56,3 +56,21 @@ class RpaCifarToy(nn.Module):
 def rpa_cifar_toy(**kwargs) -> nn.Module:
     """CIFAR-10 toy classifier of the rpa_sa repository (two relative_position non-local blocks)."""
     return RpaCifarToy(**kwargs)
+
+
+def kwargs_from_checkpoint(checkpoint) -> dict:
+    """``model_kwargs`` hook of ``convert/rpa-toy.yaml``: the flags and sizes an original checkpoint needs.
+
+    The weights were trained with the original's behaviour, so ``bug_compatible=True`` (its 'lerp' meant
+    nearest, its non-square tables were transposed); ``num_classes`` from ``fc.weight``.
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else {}
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    weight = state.get("fc.weight", state.get("module.fc.weight"))
+    kwargs: dict = {"bug_compatible": True}
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        kwargs["num_classes"] = int(weight.shape[0])
+    return kwargs

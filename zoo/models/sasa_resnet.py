@@ -128,7 +128,8 @@ class LeaderBottleneck(nn.Module):
 
     conv1 = 1x1 conv, BN, ReLU; conv2 = AttentionConv(w, w, 7, padding 3, groups 8), BN, ReLU;
     conv3 = 1x1 conv to 4w, BN; shortcut = strided 1x1 conv + BN when the shape changes; ReLU(sum).
-    Strided blocks (stride 2) pool with a 2x2 average pool:
+    ``width`` (default ``out_channels``): channels of conv1/conv2 (the original's
+    ``int(out_channels * base_width / 64) * groups``). Strided blocks (stride 2) pool with a 2x2 average pool:
 
     * bug_compatible=False (default): right after the attention, as the paper says (spec §1);
     * bug_compatible=True: after conv3 + BN, as the original (and the per-channel attention softmax).
@@ -139,9 +140,9 @@ class LeaderBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7, groups: int = 8,
-                 bug_compatible: bool = False):
+                 bug_compatible: bool = False, width: Optional[int] = None):
         super().__init__()
-        width, out = out_channels, out_channels * self.expansion
+        width, out = width or out_channels, out_channels * self.expansion
         self.stride, self.bug_compatible = stride, bug_compatible
         self.conv1 = _bn_act(nn.Conv2d(in_channels, width, 1, bias=False), width)
         self.conv2 = _bn_act(AttentionConv(width, width, kernel_size, padding=(kernel_size - 1) // 2, groups=groups,
@@ -249,3 +250,11 @@ def leader_checkpoint_kwargs(checkpoint: Any) -> dict:
     if "dense.weight" in state:
         kwargs["num_classes"] = int(state["dense.weight"].shape[0])
     return kwargs
+
+
+def leader_checkpoint_model(checkpoint: Any) -> Optional[str]:
+    """``model_name`` hook of ``convert/sasa-leader.yaml``: ``arch`` (main.py's ``--model_name``, 'ResNet26' /
+    'ResNet38' / 'ResNet50') as the registered CIFAR model, or None."""
+    arch = checkpoint.get("arch") if isinstance(checkpoint, Mapping) else None
+    depth = str(arch)[len("ResNet"):] if isinstance(arch, str) and arch.startswith("ResNet") else ""
+    return f"sasa_resnet{depth}_cifar" if depth.isdigit() and int(depth) in _LAYERS else None

@@ -1,5 +1,6 @@
 """``zoo.train.train``: train a registered model on a dataset in its original on-disk format, seeded
 and deterministic on CPU, and write a converted-format folder (``python -m zoo train`` calls it).
+Training starts from the constructor's initialisation, or from given weights (``init``: fine-tuning).
 
 The task - the training data and the loss - is the one registered for the model config's
 ``eval.protocol`` (:mod:`zoo.train.tasks`). Everything random is drawn from generators seeded by
@@ -27,6 +28,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from zoo import weights as weights_lib
+from zoo._fs import sha256_file
 from zoo.data.synthetic import MARKER
 from zoo.factory import create_model
 from zoo.hub import model_card, write_model_folder
@@ -114,6 +117,14 @@ class _Deterministic:
         return False
 
 
+def _init_record(cfg, init: str) -> dict:
+    """What config.json records about the weights a run started from: the source and its sha256."""
+    entry = cfg.weights.get(init)
+    source, sha = (entry.source, entry.sha256) if entry is not None else (init, None)
+    path = weights_lib.fetch(source, sha)
+    return {"source": str(init), "sha256": sha256_file(path / "model.safetensors" if path.is_dir() else path)}
+
+
 def _lr_factor(step: int, total: int, schedule: str) -> float:
     """Multiplier of the base lr at ``step`` (0-based) of ``total``: constant, or cosine decay to 1%."""
     if schedule == "constant" or total <= 1:
@@ -124,9 +135,9 @@ def _lr_factor(step: int, total: int, schedule: str) -> float:
 def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, epochs: int, batch_size: int,
           lr: float, seed: int = 0, limit: Optional[int] = None, device: Union[str, torch.device] = "cpu",
           weight_decay: float = 1e-4, lr_schedule: str = "cosine", max_grad_norm: Optional[float] = None,
-          num_instances: int = 4, preprocessing: Optional[Mapping] = None,
-          log: Optional[Callable[[str], None]] = print, **model_overrides) -> Path:
-    """Train the registered model ``name`` from scratch on ``data_dir`` and write it to ``out_dir``.
+          num_instances: int = 4, preprocessing: Optional[Mapping] = None, same_size_batches: float = 0.0,
+          init: Optional[str] = None, log: Optional[Callable[[str], None]] = print, **model_overrides) -> Path:
+    """Train the registered model ``name`` on ``data_dir`` and write it to ``out_dir``.
 
     Args:
         name: a registered model (no ``.tag``: training starts from the constructor's initialisation).
@@ -142,6 +153,10 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         num_instances: K of the re-id P x K batches.
         preprocessing: fields overriding the config's :class:`~zoo.config.Preprocessing`
             (e.g. ``{"input_size": [64, 32]}``).
+        same_size_batches: detection: the share of each epoch's batches made of images of (nearly) one
+            size, so (nearly) unpadded (:mod:`zoo.train.tasks`); 0 = every batch random.
+        init: weights to start from (a weights source as for ``create_model``: a tag of the model's
+            config, a RelZoo folder, a file); None = the constructor's initialisation, seeded.
         log: called with one line per epoch (None: silent).
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
@@ -158,14 +173,17 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = model_info(base)
-    kwargs = _json_kwargs({**cfg.kwargs, **model_overrides})
+    started = (weights_lib.read_folder_config(cfg.weights[init].source if init in cfg.weights else init)
+               if init is not None else None) or {}
+    kwargs = _json_kwargs({**cfg.kwargs, **(started.get("kwargs") or {}), **model_overrides})
     say = log or (lambda line: None)
 
     with _Deterministic(seed, device):
-        model = create_model(base, **model_overrides).to(device)
+        model = create_model(base, weights=init, **model_overrides).to(device)
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
-                          preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs)
+                          preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs,
+                          same_size_batches=same_size_batches)
         if max_grad_norm is None:
             max_grad_norm = 0.1 if isinstance(task, DetrTask) else 0.0
         params = [p for p in model.parameters() if p.requires_grad]
@@ -202,8 +220,13 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
               "loss_per_epoch": [round(x, 6) for x in history], "torch": torch.__version__}
     if isinstance(task, ReidTask):
         record["num_instances"] = num_instances
+    if same_size_batches:
+        record["same_size_batches"] = same_size_batches
+    if init is not None:
+        record["init"] = _init_record(cfg, init)
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
-    origin = (f"Trained from scratch by `python -m zoo train {base}` on `{record['dataset']['name']}` "
+    start_from = "from scratch" if init is None else f"from `{init}`"
+    origin = (f"Trained {start_from} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
               f"({task.protocol} format, {len(task)} samples) for {epochs} epochs, seed {seed}; "
               f"final training loss {history[-1]:.4f}. Training hyper-parameters are in config.json.")
     return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)))
