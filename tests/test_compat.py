@@ -389,22 +389,25 @@ def test_irpe_readme_code_runs_with_the_import_line_changed():
 
 # ----------------------------------------------------------------------------------------- sasa_notebook
 
+def _assert_sasa_case(layer: torch.nn.Module, t: dict, tol: dict) -> None:
+    """A SASA fixture case (spec layout: input, output, grad_output, grad_input, grad_<param>) through ``layer``."""
+    layer.load_state_dict(_state(t))
+    x = t["input"].clone().requires_grad_()
+    out = layer(x)
+    (out * t["grad_output"]).sum().backward()
+    torch.testing.assert_close(out, t["output"], **tol["output"])
+    torch.testing.assert_close(x.grad, t["grad_input"], **tol["grad_input"])
+    for name, p in layer.named_parameters():  # zero where autograd gives none (the notebook's unused rows)
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), t[f"grad_{name}"],
+                                   **tol["grad_params"])
+
+
 @pytest.mark.parametrize("case", _cases("sasa", "seed_rsa_"))
 def test_notebook_module_fixtures_with_compat_defaults(case):
     from zoo.compat.sasa_notebook import RelativeSelfAttention
 
     meta, t = load_case("sasa", case)
-    layer = RelativeSelfAttention(**meta["ctor"]).double()
-    layer.load_state_dict(_state(t))
-    x = t["input"].clone().requires_grad_()
-    out = layer(x)
-    (out * t["grad_output"]).sum().backward()
-    tol = meta["tolerance"]["float64"]
-    torch.testing.assert_close(out, t["output"], **tol["output"])
-    torch.testing.assert_close(x.grad, t["grad_input"], **tol["grad_input"])
-    for name, p in layer.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(g, t[f"grad_{name}"], **tol["grad_params"])
+    _assert_sasa_case(RelativeSelfAttention(**meta["ctor"]).double(), t, meta["tolerance"]["float64"])
 
 
 def test_notebook_example_and_defaults():
@@ -431,15 +434,7 @@ def test_leaderj1001_layer_fixtures_with_compat_defaults(case):
 
     meta, t = load_case("sasa", case)
     layer = (AttentionStem if "attstem" in case else AttentionConv)(**meta["ctor"]).double()
-    layer.load_state_dict(_state(t))
-    x = t["input"].clone().requires_grad_()
-    out = layer(x)
-    (out * t["grad_output"]).sum().backward()
-    tol = meta["tolerance"]["float64"]
-    torch.testing.assert_close(out, t["output"], **tol["output"])
-    torch.testing.assert_close(x.grad, t["grad_input"], **tol["grad_input"])
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad, t[f"grad_{name}"], **tol["grad_params"])
+    _assert_sasa_case(layer, t, meta["tolerance"]["float64"])
 
 
 def test_leaderj1001_bottleneck_fixture():
@@ -447,26 +442,20 @@ def test_leaderj1001_bottleneck_fixture():
 
     meta, t = load_case("sasa", "leader_bottleneck_s2")
     block = Bottleneck(**meta["ctor"]).eval()  # the original's arguments, groups and base_width included
-    block.load_state_dict(_state(t))
-    x = t["input"].clone().requires_grad_()
-    out = block(x)
-    tol = meta["tolerance"]["float32"]
-    torch.testing.assert_close(out, t["output"], **tol["output"])
-    (out * t["grad_output"]).sum().backward()
-    torch.testing.assert_close(x.grad, t["grad_input"], **tol["grad_input"])
-    for name, p in block.named_parameters():
-        torch.testing.assert_close(p.grad, t[f"grad_{name}"], **tol["grad_params"])
+    _assert_sasa_case(block, t, meta["tolerance"]["float32"])
 
 
 def test_leaderj1001_resnets_have_the_originals_layout_and_load_a_main_py_checkpoint():
     import json
 
+    from zoo import detect
     from zoo.compat import leaderj1001
 
     layouts = json.loads((fixture_dir("sasa") / "leader_resnet_state_dict_keys.json").read_text())["models"]
     for variant, layout in layouts.items():
         depth, classes, stem = variant.split("_")
-        model = getattr(leaderj1001, depth)(num_classes=int(classes[len("classes"):]), stem=stem == "stemTrue")
+        with detect._no_init(), torch.device("meta"):  # shapes only, as zoo.detect builds signatures
+            model = getattr(leaderj1001, depth)(num_classes=int(classes[len("classes"):]), stem=stem == "stemTrue")
         assert {k: list(v.shape) for k, v in model.state_dict().items()} == layout["state_dict"], variant
         assert sum(p.numel() for p in model.parameters()) == layout["num_params"], variant
     # main.py: model = ResNet26(num_classes=num_classes, stem=args.stem); model.load_state_dict(checkpoint['state_dict'])

@@ -198,3 +198,11 @@ def test_ema_weights_are_selected_with_ema(tmp_path):
     no_ema["model_ema"] = None
     with pytest.raises(ConversionError, match="no EMA weights"):
         convert_checkpoint(_save(no_ema, tmp_path / "no_ema.pth"), out_dir=tmp_path / "x", ema=True)
+
+
+def test_create_model_builds_the_architecture_an_original_detr_checkpoint_records():
+    src = fixture_dir("irpe") / "detr_tiny_rpe-2.0-product-ctx-1-k.pth"
+    model = zoo.create_model("detr_r50_irpe", weights=str(src))  # no kwargs: hidden 64, width/16 from args
+    assert model.transformer.d_model == 64 and model.num_queries == 10
+    state = load_checkpoint(src)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

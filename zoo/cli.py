@@ -38,11 +38,13 @@ def _cmd_info(args) -> int:
 
 def _cmd_convert(args) -> int:
     from zoo.factory import convert_checkpoint
+    from zoo.hub import read_folder_config
 
     kwargs = json.loads(args.kwargs) if args.kwargs else None
     out = convert_checkpoint(args.src, args.from_map, args.out, model_name=args.model, model_kwargs=kwargs,
                              strict=not args.non_strict, ema=args.ema)
-    print(f"converted {args.src} -> {out}")
+    config = read_folder_config(out)
+    print(f"converted {args.src} -> {out} (model {config['model']}, map {config['converter']})")
     return 0
 
 
