@@ -14,10 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import zoo
-from zoo.paths import environment_table
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's registry, not another installed copy of zoo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import zoo  # noqa: E402
+from zoo.paths import environment_table  # noqa: E402
+
+README = REPO / "README.md"
 
 
 def model_table() -> str:

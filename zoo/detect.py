@@ -32,7 +32,7 @@ from torch import Tensor
 
 from zoo.checkpoint import LoadReport, compare_state_dicts
 from zoo.convert import ConversionMap, convert_state_dict, ema_weights, list_maps, load_map
-from zoo.errors import ConfigError, ConversionError, UnknownModelError
+from zoo.errors import ConfigError, ConversionError
 from zoo.registry import list_models, model_constructor, model_info
 
 logger = logging.getLogger(__name__)
@@ -270,12 +270,19 @@ def _nothing_fits(checkpoint: Any, detections: Sequence[Detection]) -> str:
 
 
 def best_fit_hint(checkpoint: Any, model_name: Optional[str] = None, *, ema: bool = False) -> str:
-    """``'; the registered model whose signature fits ... is X (--model X --from M)'`` for the error of a
-    strict load into ``model_name`` that failed, or '' when no other registered model fits."""
+    """``'; the registered model whose signature fits it is X (--model X --from M)'`` (or the closest one, when
+    none fits) for the error of a strict load into ``model_name`` that failed; '' when there is nothing to add."""
+    detections = _all_candidates(checkpoint, auto_maps(), None, None, ema)
     try:
-        found = _choose([d for d in _all_candidates(checkpoint, auto_maps(), None, None, ema) if d.fits])
-    except (ConversionError, UnknownModelError):
-        return ""
+        found = _choose([d for d in detections if d.fits]) if any(d.fits for d in detections) else None
+    except ConversionError as exc:  # several fit
+        return f"; {exc}"
+    if found is None:
+        closest = max(detections, key=lambda d: d.score, default=None)
+        if closest is None or closest.score == 0 or closest.model == model_name:
+            return ""
+        return (f"; no registered model fits it, the closest is {closest.describe()} "
+                f"({closest.agreeing} of {closest.total} keys agree)")
     if found.model == model_name:
         return f"; it fits {found.describe()} (map and kwargs as detected: {found.kwargs})"
     return f"; the registered model whose signature fits it is {found.describe()}"
