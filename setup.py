@@ -49,9 +49,12 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "pycocotools>=2.0.7", "build", "wheel"],
+        # websocket-client: the site test drives headless Chromium through the DevTools protocol
+        "test": ["pytest>=7", "pytest-timeout", "pycocotools>=2.0.7", "build", "wheel", "matplotlib>=3.5",
+                 "websocket-client>=1.0"],
         "coco": ["pycocotools>=2.0.7"],
         "video": ["pillow"],
+        "viz": ["matplotlib>=3.5"],  # zoo visualize, zoo site, and the plots of zoo train / zoo eval
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main", "relzoo=zoo.cli:main"]},
     cmdclass={"build_py": BuildPyWithData},

@@ -1,4 +1,5 @@
-"""Shared test helpers: where the golden fixtures are and how to read one case."""
+"""Shared test helpers: where the golden fixtures are and how to read one case; one torch thread, tiny
+synthetic datasets, and a check that an image is a picture."""
 from __future__ import annotations
 
 import json
@@ -38,3 +39,44 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RELZOO_EXTENSIONS_DIR", os.environ.get(
         "RELZOO_EXTENSIONS_DIR", str(Path.home() / ".cache" / "relzoo" / "extensions")))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a shared 2-core machine more threads only add contention."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """``tiny_dataset(kind, split)``: a synthetic dataset of ``size='tiny'``, seed 0, made once per session."""
+    from zoo.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("tiny-datasets")
+    made = {}
+
+    def get(kind: str, split: str = "val") -> Path:
+        if (kind, split) not in made:
+            made[kind, split] = make_dataset(kind, root / f"{kind}-{split}", split=split, seed=0, size="tiny")
+        return made[kind, split]
+
+    return get
+
+
+def picture(data) -> "np.ndarray":
+    """The image of PNG bytes or a file as an (H, W, 3) array, asserting it is a picture, not one flat colour."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB"))
+    assert image.shape[0] > 100 and image.shape[1] > 100, f"a {image.shape[1]}x{image.shape[0]} image"
+    colours = len(np.unique(image.reshape(-1, 3), axis=0))
+    assert image.std() > 10 and colours > 16, f"looks blank: std {image.std():.1f}, {colours} colours"
+    return image

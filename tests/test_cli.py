@@ -70,7 +70,8 @@ def test_export_writes_a_folder_that_loads_back(tmp_path):
 
 
 # Every command, as `python -m zoo COMMAND --help` spells it.
-COMMANDS = ["list", "info", "convert", "export", "predict", "eval", "train", "data", "data make", "demo"]
+COMMANDS = ["list", "info", "convert", "export", "predict", "eval", "train", "data", "data make", "demo", "visualize",
+            "site"]
 
 
 def _imported_modules(*args) -> set[str]:

@@ -127,9 +127,7 @@ def test_rpa_sa_legacy_table_layout_through_the_op():
         rpa_sa.relative_attend_query2d(torch.randn(1, 3, 24), torch.randn(3, 7, 11)[:, :5], 6, 4)
 
 
-def test_rpa_sa_readme_and_test_scripts_run_with_the_import_line_changed():
-    import zoo.compat.rpa_sa  # noqa: F401  (replaces the scripts' torch.ops.load_library("../rpa_sa/_C...pyd"))
-
+def test_rpa_sa_readme_example_runs_with_the_import_line_changed():
     # README "Example" (only `from rpa_sa import ...` changed)
     ns = _run_original_code("""
         import torch
@@ -145,6 +143,11 @@ def test_rpa_sa_readme_and_test_scripts_run_with_the_import_line_changed():
         out = model(x)
     """)
     assert ns["out"].shape == (1, 8, 12, 12)
+
+
+def test_rpa_sa_original_op_tests_run_with_the_load_line_changed():
+    import zoo.compat.rpa_sa  # noqa: F401  (replaces the scripts' torch.ops.load_library("../rpa_sa/_C...pyd"))
+
     # tests/test_spherical_pad2d.py and test_rotative_pad2d.py: forward/backward and gradcheck of the ops
     ns = _run_original_code("""
         import math

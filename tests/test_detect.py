@@ -186,7 +186,8 @@ def test_ema_weights_are_selected_with_ema(tmp_path):
     name = "deit_tiny_patch16_224_ctx_product_50_shared_k"
     ones = {k: torch.ones(()).expand(v.shape) for k, v in _deit_checkpoint(name)["model"].items()}
     src = _save(_deit_checkpoint(name, ema=ones), tmp_path / "checkpoint.pth")
-    out = convert_checkpoint(src, out_dir=tmp_path / "ema", ema=True)
+    out = tmp_path / "ema"
+    assert main(["convert", str(src), "--out", str(out), "--ema"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["ema"] is True and config["model"] == name
     assert all(bool((v == 1).all()) for v in load_checkpoint(out / "model.safetensors").values())
@@ -206,3 +207,12 @@ def test_create_model_builds_the_architecture_an_original_detr_checkpoint_record
     assert model.transformer.d_model == 64 and model.num_queries == 10
     state = load_checkpoint(src)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_an_original_checkpoint_takes_a_new_head(tmp_path):
+    """create_model's new-head rule (num_classes=N) applies after the checkpoint is recognised as it was saved."""
+    name = "deit_tiny_patch16_224_ctx_product_50_shared_k"
+    checkpoint = _deit_checkpoint(name)
+    checkpoint["model"]["pos_embed"] = torch.arange(197 * 192.0).view(1, 197, 192)
+    model = zoo.create_model(name, weights=str(_save(checkpoint, tmp_path / "checkpoint.pth")), num_classes=5)
+    assert model.head.weight.shape == (5, 192) and torch.equal(model.pos_embed, checkpoint["model"]["pos_embed"])

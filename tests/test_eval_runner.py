@@ -1,5 +1,6 @@
 """The evaluation runner: sharding without duplicates, gathering in order, equal results for 1 and 2 processes."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from zoo.config import ReportedMetric
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.runner import EvalResult, _compare
@@ -49,10 +51,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     script = tmp_path / "toy_eval.py"
     script.write_text(TOY)
     single, double = tmp_path / "single.json", tmp_path / "double.json"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300)
+    # this checkout's zoo, whether or not (and wherever) the package is installed
+    env = {**os.environ, "RELZOO_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300, env=env)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(double)], capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "RELZOO_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"})
+                             str(script), str(double)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(single.read_text()) == json.loads(double.read_text())
     assert json.loads(single.read_text())["n"] == 37

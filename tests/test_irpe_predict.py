@@ -1,4 +1,4 @@
-"""`python -m zoo predict` for DETR: boxes and COCO names drawn on the image."""
+"""`python -m zoo predict` for DETR: boxes and the weights' class names drawn on the image."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import zoo
+from zoo.data.labels import LABEL_SETS
 from zoo.predict import draw_detections, predict
 
 TINY = dict(hidden_dim=16, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=5,
@@ -29,6 +30,9 @@ def test_predict_draws_detections(image_path, tmp_path):
         model.class_embed.weight.zero_()
         model.class_embed.bias[18] = 20.0
     out = tmp_path / "out" / "drawn.png"
+    # random weights have no class names: the id is printed
+    assert {d["label"] for d in predict(model, image_path, out, threshold=0.5, preprocessing=SMALL)} == {"class 18"}
+    model.pretrained_cfg = model.pretrained_cfg.replace(label_names=LABEL_SETS["coco"])  # as COCO weights have
     dets = predict(model, image_path, out, threshold=0.5, preprocessing=SMALL)
     assert len(dets) == 5 and all(d["label"] == "dog" and d["category_id"] == 18 for d in dets)
     assert all(d["score"] > 0.99 for d in dets)

@@ -97,3 +97,9 @@ def test_cli_check(data_root, capsys):
     out = capsys.readouterr().out
     assert "| family | model | metric | reported | reproduced | difference |" in out
     assert "check passed" in out
+
+
+def test_a_row_measured_on_another_split_fails_the_check():
+    row = demo.DemoRow("sasa", "m", "top1", 50.0, 50.0, not_comparable="reported on 500 samples, evaluated on 20")
+    assert demo.check_rows([row]) == ["m top1: not comparable (reported on 500 samples, evaluated on 20)"]
+    assert demo.format_table([row]).endswith("| not comparable |")

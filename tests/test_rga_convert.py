@@ -179,7 +179,7 @@ def test_cli_convert_then_create_model_reproduces_the_original_network(cuhk03_ch
     model = model.double()
     with torch.no_grad():
         ref_feat_, ref_feat, ref_logits = reference(x)
-        feat_, feat = model.forward_features(x)
+        feat_, feat = model.forward_embeddings(x)
         logits = model.cls(feat)
         eval_output = model(x)
     for ours, ref in ((feat_, ref_feat_), (feat, ref_feat), (logits, ref_logits)):

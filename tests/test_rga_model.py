@@ -54,7 +54,7 @@ def test_head_modes_and_test_feature():
     assert model.feat_bn.bias.grad is None and model.cls.weight.grad is not None
     model.eval()
     with torch.no_grad():
-        pooled, after_bn = model.forward_features(x)
+        pooled, after_bn = model.forward_embeddings(x)
         torch.testing.assert_close(model(x), pooled)  # default test feature: feat_ (before the BN-neck)
         torch.testing.assert_close(pooled, model.backbone(x).mean(dim=(2, 3)))
         bn = model.feat_bn
@@ -96,7 +96,7 @@ def test_fixed_input_size_and_bad_arguments():
     with pytest.raises(ValueError, match="test_feature"):
         RGAResNet50(test_feature="pool5", **TINY)
     with pytest.raises(ValueError, match="num_classes"):
-        RGAResNet50(num_classes=0, **TINY)
+        RGAResNet50(num_classes=-1, **TINY)  # 0 is allowed: no classifier (timm's rule)
     with pytest.raises(TypeError, match="fixed by the variant"):
         zoo.create_model("rga_s_resnet50", use_channel=True)
 

@@ -20,6 +20,8 @@ from zoo.errors import DatasetError
 from zoo.registry import model_info
 from zoo.train import ReidTask, VideoTask, build_task, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLS = ("sasa_resnet26_convstem", dict(num_classes=10, width_div=16, heads=1, kernel_size=3), {"input_size": [32, 32]})
 REID = ("rga_sc_resnet50", dict(num_classes=6, height=64, width=32, width_div=16, cha_ratio=2, spa_ratio=2,
                                 down_ratio=2), None)
@@ -35,14 +37,6 @@ CASES = {"classification": (CLS, "shapes-cls"), "reid": (REID, "shapes-reid"), "
 def _skip_unregistered(name: str) -> None:
     if name not in zoo.list_models():
         pytest.skip(f"{name} is not registered (yet)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +275,45 @@ def test_same_size_batches_group_that_share_of_detection_batches(data, tmp_path)
                    preprocessing=cls_pre, same_size_batches=0.5)
 
 
-def test_init_starts_from_given_weights_and_records_them(data, tmp_path):
+def test_weights_start_from_a_trained_folder_and_are_recorded_with_their_sha256(data, tmp_path):
     name, kwargs, pre = CLS
-    common = dict(epochs=1, batch_size=4, lr=1e-3, limit=4, preprocessing=pre, log=None, **kwargs)
+    common = dict(epochs=1, batch_size=4, lr=1e-3, limit=4, preprocessing=pre, log=None, plots=False, **kwargs)
     first = train(name, data("shapes-cls"), tmp_path / "first", seed=0, **common)
-    tuned = train(name, data("shapes-cls"), tmp_path / "tuned", seed=0, init=str(first), **common)
-    record = json.loads((tuned / "config.json").read_text())["train"]["init"]
-    assert record == {"source": str(first), "sha256": hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest()}
+    tuned = train(name, data("shapes-cls"), tmp_path / "tuned", seed=0, weights=str(first), **common)
+    record = json.loads((tuned / "config.json").read_text())["train"]
+    assert (record["initial_weights"], record["initial_weights_sha256"]) == \
+        (str(first), hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest())
+    from zoo.cli import build_parser  # --init (the name the detr_irpe_mini recipe first used) is --weights
+
+    parsed = build_parser().parse_args(["train", name, "--data", "D", "--out", "O", "--init", str(first)])
+    assert parsed.weights == str(first)
     again = train(name, data("shapes-cls"), tmp_path / "again", seed=0, **common)  # from scratch: not the tuned weights
     a, b = _state(tuned), _state(again)
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tuning_pretrained_weights_on_new_classes(tmp_path):
+    """`zoo train NAME --weights TAG --kwargs '{"num_classes": 5}'` on 5 classes: every parameter but the
+    classifier starts from the weights, the classifier starts new, and the result loads back with 5 classes."""
+    import shutil
+
+    import zoo
+    from zoo.data.synthetic import make_dataset
+    from zoo.train import train
+
+    shapes = make_dataset("shapes-cls", tmp_path / "shapes", split="all", seed=0, size="tiny")
+    for split in ("train", "val"):  # five of the ten shapes: a new task
+        for folder in sorted((shapes / split).iterdir())[:5]:
+            shutil.copytree(folder, tmp_path / "five" / split / folder.name)
+    pretrained = zoo.create_model("sasa_resnet_mini", pretrained=True)
+    out = train("sasa_resnet_mini", tmp_path / "five", tmp_path / "tuned", epochs=1, batch_size=5, lr=1e-9, seed=0,
+                weights="synthetic", log=None, num_classes=5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["initial_weights"] == "synthetic" and config["kwargs"]["num_classes"] == 5
+    assert config["kwargs"]["zero_init_residual"] is True  # recorded by the weights folder, kept
+    tuned = zoo.create_model("sasa_resnet_mini", weights=out)
+    assert tuned.fc.weight.shape == (5, 256)
+    start = dict(pretrained.named_parameters())
+    for key, value in tuned.named_parameters():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(value, start[key], atol=1e-6, rtol=0, msg=key)  # a tiny lr: they barely moved

@@ -1,7 +1,8 @@
 """Small file utilities shared by the cache, the converter and the native-op builder.
 
 - :func:`sha256_file`: the hex sha256 of a file, read in 1 MiB chunks;
-- :func:`atomic_write_text`: write a file so readers see the old content or the new, never half;
+- :func:`atomic_write_text`, :func:`atomic_write_bytes`: write a file so readers see the old content or the
+  new, never half;
 - :func:`replace_dir`: the same for a whole folder;
 - :func:`file_lock`: an exclusive inter-process lock on ``<path>`` with a timeout; the kernel releases
   it when the holder dies, so a crashed process never blocks the next one;
@@ -41,10 +42,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import json
 import logging
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,9 +267,32 @@ def state_dict_signature(state_dict: Mapping[str, Tensor]) -> str:
 
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors: CPU, contiguous, and every tensor its own storage (clones)."""
+    """Write tensors as safetensors: CPU, contiguous, and every tensor its own storage (clones).
+
+    The same tensors and metadata give the same bytes (so the same sha256): safetensors writes the
+    metadata in a hash map's order, which changes from process to process, so it is put in sorted
+    order afterwards (same length, so the offsets stay valid).
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+    metadata = metadata or {"format": "pt"}
+    save_file(tensors, str(path), metadata=metadata)
+    _sort_metadata(Path(path), metadata)
+
+
+def _sort_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Rewrite the ``__metadata__`` object of a safetensors header with its keys sorted, in place."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = f.read(length)
+        written = json.loads(header)["__metadata__"]
+        old = json.dumps(written, separators=(",", ":"), ensure_ascii=False).encode()
+        new = json.dumps(dict(sorted(written.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        at = header.find(b'"__metadata__":' + old)
+        if at < 0 or written != dict(metadata):
+            return  # another layout than the one known: leave the file as written
+        start = at + len(b'"__metadata__":')
+        f.seek(8 + start)
+        f.write(new)
 
 
 def as_state_dict(obj: Any, where: Any) -> dict[str, Tensor]:

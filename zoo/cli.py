@@ -1,4 +1,4 @@
-"""``python -m zoo list | info | convert | export | predict | eval | train | data make | demo``.
+"""``python -m zoo list | info | convert | export | predict | eval | train | data make | demo | visualize | site``.
 
 Every command is defined here. The arguments are parsed before anything heavy is imported: this
 module imports only the standard library and zoo modules that need no torch, so ``--help`` of
@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 from zoo.data.synthetic import DATASETS, SIZES, SPLITS, SUMMARIES, make_dataset, summary
 from zoo.errors import ZooError
 from zoo.eval import DEFAULT_BATCH_SIZE
-from zoo.registry import format_info, list_models, model_info
+from zoo.paths import disable_progress_bars
+from zoo.registry import format_info, list_models, model_info, split_name
 
 __all__ = ["main", "build_parser", "format_info"]
 
@@ -51,8 +52,9 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from zoo.export import export_model
 
-    out = export_model(args.name, args.out, weights=args.weights)
-    print(f"exported {args.name} -> {out}")
+    out = export_model(args.name, args.out, weights=args.weights, repo_id=args.push or args.repo_id,
+                       eval_results=args.eval_results, push=bool(args.push))
+    print(f"exported {args.name} -> {out}" + (f" and pushed to hf://{args.push}" if args.push else ""))
     return 0
 
 
@@ -83,8 +85,7 @@ def _cmd_eval(args) -> int:
 
     options = json.loads(args.options) if args.options else None
     result = evaluate(args.name, args.data, weights=args.weights, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device, limit=args.limit, out=args.out, options=options,
-                      progress=not args.no_progress)
+                      device=args.device, limit=args.limit, out=args.out, options=options, plots=not args.no_plots)
     if result is not None:
         print(result.table())
     return 0
@@ -97,10 +98,18 @@ def _cmd_train(args) -> int:
     preprocessing = json.loads(args.preprocessing) if args.preprocessing else None
     if not isinstance(overrides, dict):
         raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    validate = None
+    if args.validate:
+        from zoo.eval.runner import evaluate
+
+        def validate(model):  # the model's own protocol on the val split of the same dataset
+            return evaluate(args.name, args.data, model=model, device=args.device, progress=False).metrics
+
     out = train(args.name, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
-                preprocessing=preprocessing, same_size_batches=args.same_size_batches, init=args.init,
+                preprocessing=preprocessing, plots=not args.no_plots, validate=validate, weights=args.weights,
+                same_size_batches=args.same_size_batches,
                 **overrides)
     print(f"wrote {out}")
     return 0
@@ -122,8 +131,7 @@ def _cmd_demo(args) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = run_demo(Path(args.data_root) if args.data_root else None, args.models or None,
-                    batch_size=args.batch_size, progress=args.progress,
-                    log=(lambda line: print(line, file=sys.stderr)))
+                    batch_size=args.batch_size, progress=True, log=(lambda line: print(line, file=sys.stderr)))
     print(format_table(rows))
     print(f"\n{len({r.model for r in rows})} models in {time.perf_counter() - start:.0f} s")
     if args.check:
@@ -133,6 +141,32 @@ def _cmd_demo(args) -> int:
             return 1
         print(f"check passed: every reproduced metric is within {TOLERANCE} of the reported one")
     return 0
+
+
+def _cmd_visualize(args) -> int:
+    from zoo.factory import create_model
+    from zoo.viz.visualize import visualize
+
+    model = create_model(args.name, pretrained=args.weights is None, weights=args.weights).to(args.device)
+    shown = args.weights or split_name(args.name)[1] or model_info(args.name).default_weights  # for the page
+    index = visualize(model, args.name, args.out, image=args.image, video=args.video, point=args.point,
+                      frame=args.frame, weights=shown)
+    print(f"wrote {index}")
+    return 0
+
+
+def _cmd_site(args) -> int:
+    from zoo.viz.site import build_site
+
+    print(f"wrote {build_site(args.out, results=args.results)}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="model or model.tag")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", help="weights source (default: the tag's or default weights; random if none)")
+    p.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the folder is for (its source and usage line)")
+    p.add_argument("--eval-results", metavar="FILE", help="a `zoo eval --out` JSON: its metrics go into the card")
+    p.add_argument("--push", metavar="ORG/NAME", help="also upload the folder to this Hub repo (HF_TOKEN, HF_ENDPOINT)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="run a model on one image", description="Run a model on an image and draw the result.")
@@ -194,14 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (a quick, partial check)")
     p.add_argument("--out", help="write results as JSON (and a markdown table beside it)")
     p.add_argument("--options", help="JSON overrides of the protocol options")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help="the same as --quiet")
+    p.set_defaults(quiet=False)
+    p.add_argument("--no-plots", action="store_true",
+                   help="with --out, do not draw pr_curve.png (COCO) / cmc.png (re-id) beside the JSON")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "train", help="train a model on a dataset (deterministic on CPU)",
-        description="Train a registered model from scratch (or from --init weights) with its family's loss (set loss for DETR, "
-                    "CE + triplet for re-id, CE for classification and video) on a dataset in the format "
-                    "of its eval protocol, and write model.safetensors + config.json + README.md.")
+        description="Train a registered model from scratch (or fine-tune --weights) with its family's loss "
+                    "(set loss for DETR, CE + triplet for re-id, CE for classification and video) on a dataset in "
+                    "the format of its eval protocol, and write model.safetensors + config.json + README.md.")
     p.add_argument("name", help="registered model name")
     p.add_argument("--data", required=True, help="dataset root (the train split is read)")
     p.add_argument("--out", required=True, help="output folder")
@@ -213,20 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="gradient clipping (default: 0.1 for DETR, none otherwise; 0 = off)")
     p.add_argument("--num-instances", type=int, default=4, help="re-id: K images per identity in a batch")
-    p.add_argument("--same-size-batches", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--same-size-batches", type=_fraction, default=0.0, metavar="FRACTION",
                    help="detection: this share of each epoch's batches holds images of (nearly) one size, so they "
                         "are not padded; a detector trained only on padded batches depends on the padding (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", metavar="WEIGHTS",
-                   help="start from these weights (a tag, a RelZoo folder, a file) instead of the initialisation")
     p.add_argument("--limit", type=int, help="train on the first N samples only")
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--weights", "--init", dest="weights",
+                   help="fine-tune these weights (a tag, path, URL or hf://) instead of starting from "
+                        "scratch; with --kwargs '{\"num_classes\": N}' the classifier starts new (--init: the same)")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--validate", action="store_true",
+                   help="after every epoch, evaluate on the val split of --data with the model's protocol "
+                        "(metrics per epoch in config.json and metrics.png)")
+    p.add_argument("--no-plots", action="store_true", help="do not draw loss.png (and metrics.png) into --out")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("data", help="generate the synthetic mini datasets",
-                       description="Synthetic datasets in the original datasets' on-disk formats.")
+    data = p = sub.add_parser("data", help="generate the synthetic mini datasets",
+                              description="Synthetic datasets in the original datasets' on-disk formats.")
     actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = actions.add_parser("make", help="write a synthetic dataset",
                            description="Write a synthetic dataset (deterministic: the same seed gives the same "
@@ -251,14 +296,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="the reported numbers were measured at the default (detection numbers vary a little with it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
+    p.add_argument("--progress", action="store_true",
+                   help="(the default on a terminal now: progress bars show unless --quiet)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "visualize", help="draw a model's attention for one image or video",
+        description="Run a model on one input and draw what its attention layers compute (iRPE buckets and "
+                    "tables, DETR cross-attention, RGA spatial/channel attention, RSA relational kernels, RPA "
+                    "affinities, SASA local attention) as PNGs with an index.html.")
+    p.add_argument("name", help="model or model.tag")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (models that take images)")
+    source.add_argument("--video", help="a folder of video frames img_00001.jpg, ... (RSA models)")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier visualisation)")
+    p.add_argument("--weights", help="weights source overriding the tag (tag, path, URL, hf://)")
+    p.add_argument("--point", nargs=2, type=_fraction, default=(0.5, 0.5), metavar=("ROW", "COL"),
+                   help="the query / position / pixel shown, as fractions of the input's height and width "
+                        "(default 0.5 0.5, the centre)")
+    p.add_argument("--frame", type=int, help="RSA: the frame of the position (default the middle one)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser(
+        "site", help="write the zoo as a static HTML site",
+        description="Write a static site (plain HTML + CSS, opens from the file system): the model table with "
+                    "filters by family and task, and one page per model with its card, reported vs reproduced "
+                    "metrics, the commands that reproduce them, its plots and visualisations.")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier site)")
+    p.add_argument("--results", help="a folder searched for `zoo eval --out` results (and the plots beside them) "
+                                      "and `zoo visualize --out` folders")
+    p.set_defaults(func=_cmd_site)
+    for command in [*sub.choices.values(), *actions.choices.values()]:
+        if command is not data:  # `data` only holds its actions
+            command.add_argument("--quiet", action="store_true",
+                                 help="no progress bars (shown by default on a terminal, on stderr)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        disable_progress_bars()
     try:
         return args.func(args)
     except ZooError as exc:

@@ -8,11 +8,12 @@ entries (by tag) and the reported metrics with their source. A malformed file is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -28,6 +29,11 @@ class WeightsEntry:
     are relative to the data root). ``sha256`` None means unknown: the first download
     records and reports it. ``converter`` names a ``convert/<name>.yaml`` map when the
     file is an original checkpoint rather than our safetensors.
+
+    ``label_names``: what each output class of these weights means, by class id: a list of
+    names, or the name of a dataset's label set (``"coco"``, ``"shapes-det"``; resolved by
+    :func:`zoo.data.labels.label_names`); None for weights without classes (re-id embeddings).
+    ``license``: of these weights (a Hugging Face license id, e.g. ``mit``); None: the family's.
     """
 
     tag: str
@@ -35,6 +41,8 @@ class WeightsEntry:
     sha256: Optional[str] = None
     converter: Optional[str] = None
     note: str = ""
+    label_names: Optional[Union[str, tuple[str, ...]]] = None
+    license: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,9 @@ class ReportedMetric:
 
     ``weights`` is the tag of the checkpoint it belongs to, or None for a paper number
     without released weights. ``verified`` False marks values the spec could not confirm.
+    ``split`` and ``num_samples`` say what it was measured on (the split's name as the evaluation
+    protocol names it, e.g. ``val2017``, and the number of samples evaluated), when known; a model
+    config's ``measured_on`` states them once per dataset.
     """
 
     metric: str
@@ -52,6 +63,8 @@ class ReportedMetric:
     weights: Optional[str] = None
     verified: bool = True
     note: str = ""
+    split: Optional[str] = None
+    num_samples: Optional[int] = None
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -188,6 +201,9 @@ class ModelConfig:
     default_weights: Optional[str] = None
     reported: tuple = ()  # ReportedMetric, ...
     notes: str = ""
+    measured_on: dict = field(default_factory=dict)  # dataset -> MeasuredSplit of its reported rows
+    paper: str = ""  # the family's paper unless the model states its own
+    license: Optional[str] = None  # the family's (the original code's and its released weights') unless stated
 
     def __post_init__(self):
         # a mapping given in code (ModelConfig(..., preprocessing={...}), dataclasses.replace) is validated as YAML is
@@ -201,9 +217,15 @@ class ModelConfig:
             hint = f" Available tags: {', '.join(self.weights)}." if self.weights else ""
             raise WeightsError(f"model '{self.name}' has no default pretrained weights.{hint} {self.notes}".strip())
         if tag not in self.weights:
-            known = ", ".join(self.weights) or "none"
-            raise WeightsError(f"model '{self.name}' has no weights tagged '{tag}' (known tags: {known})")
+            raise WeightsError(f"model '{self.name}' has no weights tagged '{tag}'{self.tag_hint(tag)}")
         return self.weights[tag]
+
+    def tag_hint(self, tag: str) -> str:
+        """'; did you mean 'x'?' for a mistyped weights tag (else the known tags), for error messages."""
+        close = difflib.get_close_matches(tag, list(self.weights), n=3, cutoff=0.6)
+        if close:
+            return f"; did you mean {' or '.join(repr(t) for t in close)}?"
+        return f" (known tags: {', '.join(self.weights) or 'none'})"
 
     def reported_for(self, tag: Optional[str]) -> list[ReportedMetric]:
         """Reported rows for a weights tag (tag None: the rows of the default tag, else the paper's rows)."""
@@ -212,12 +234,138 @@ class ModelConfig:
         return rows or [r for r in self.reported if r.weights is None]
 
 
+@dataclass(frozen=True, repr=False)
+class PretrainedCfg(Mapping):
+    """What a built model is: ``model.pretrained_cfg`` (and ``model.default_cfg``, the same object).
+
+    Made by :func:`zoo.create_model` from the model's :class:`ModelConfig`, the :class:`WeightsEntry`
+    it loaded (tag, source, sha256; None for random initialisation) and the constructor kwargs it
+    used. timm's ``PretrainedCfg`` is the model: as a read-only mapping it answers timm's keys
+    (``input_size`` as (in_chans, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+    ``num_classes``, ``label_names``, ...), so ``timm.data.resolve_data_config(model=m)`` reads it too;
+    :func:`zoo.data.resolve_data_config` is RelZoo's own.
+
+    ``label_names``: the name of each output class by class id (None when unknown, or when
+    ``num_classes`` was changed from the weights'). ``model_kwargs``: everything ``create_model``
+    needs to build the same network again (constructor kwargs, and ``features_only`` /
+    ``out_indices`` for a feature extractor).
+    """
+
+    architecture: str
+    task: str = ""
+    family: str = ""
+    tag: Optional[str] = None
+    source: Optional[str] = None
+    sha256: Optional[str] = None
+    num_classes: Optional[int] = None
+    label_names: Optional[tuple[str, ...]] = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    in_chans: int = 3
+    reported: tuple[ReportedMetric, ...] = ()
+    license: Optional[str] = None
+    paper: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: ModelConfig, entry: Optional[WeightsEntry] = None, *,
+              model_kwargs: Optional[Mapping] = None, label_names: Optional[Sequence[str]] = None,
+              preprocessing: Optional[Mapping] = None) -> PretrainedCfg:
+        """The cfg of ``config``'s model built with ``model_kwargs`` (default: the config's kwargs) and the
+        weights ``entry`` (None: random initialisation, no weights fields). ``label_names`` are the
+        entry's, resolved (a label set's name is resolved by :mod:`zoo.data.labels`, a floor up);
+        ``preprocessing`` overrides fields of the config's (e.g. what a weights folder recorded)."""
+        kwargs = dict(config.kwargs if model_kwargs is None else model_kwargs)
+        num_classes = kwargs.get("num_classes")
+        names = tuple(label_names) if label_names is not None else None
+        if names is not None and num_classes is not None and len(names) != num_classes:
+            names = None  # a new head (num_classes changed): the weights' class names do not apply
+        pre = Preprocessing.parse({**config.preprocessing, **(preprocessing or {})}, f"model '{config.name}'")
+        weights_fields = {}
+        if entry is not None:
+            weights_fields = {"tag": entry.tag, "source": entry.source, "sha256": entry.sha256}
+        return cls(architecture=config.name, task=config.task, family=config.family, num_classes=num_classes,
+                   label_names=names, preprocessing=pre, in_chans=int(kwargs.get("in_chans", 3)),
+                   reported=tuple(config.reported_for(entry.tag if entry is not None else None)),
+                   license=(entry.license if entry is not None and entry.license else config.license),
+                   paper=config.paper, model_kwargs=kwargs, **weights_fields)
+
+    def replace(self, **changes) -> PretrainedCfg:
+        """A copy with ``changes`` (e.g. ``label_names=[...]`` after fine-tuning on new classes)."""
+        if changes.get("label_names") is not None:
+            changes["label_names"] = tuple(changes["label_names"])
+        return dataclasses.replace(self, **changes)
+
+    # timm's names of the preprocessing fields
+    @property
+    def input_size(self) -> Optional[tuple[int, int, int]]:
+        """(in_chans, height, width) of the network's input (a video frame's crop), when stated."""
+        size = self.preprocessing.input_size
+        return None if size is None else (self.in_chans, *size)
+
+    @property
+    def mean(self) -> Optional[tuple[float, float, float]]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> Optional[tuple[float, float, float]]:
+        return self.preprocessing.std
+
+    @property
+    def interpolation(self) -> Optional[str]:
+        return self.preprocessing.interpolation
+
+    @property
+    def crop_pct(self) -> Optional[float]:
+        return self.preprocessing.crop_pct
+
+    @property
+    def num_frames(self) -> Optional[int]:
+        return self.preprocessing.num_frames
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stated fields as JSON-ready data, flat with timm's key names: every preprocessing field
+        at the top (``input_size`` as (in_chans, H, W)), and ``reported`` as one dict a row."""
+        out: dict[str, Any] = {"architecture": self.architecture, "task": self.task, "family": self.family,
+                               "tag": self.tag, "source": self.source, "sha256": self.sha256,
+                               "num_classes": self.num_classes, "in_chans": self.in_chans,
+                               "label_names": list(self.label_names) if self.label_names is not None else None,
+                               **dict(self.preprocessing), "input_size": self.input_size,
+                               "reported": [dataclasses.asdict(r) for r in self.reported],
+                               "license": self.license, "paper": self.paper or None,
+                               "model_kwargs": dict(self.model_kwargs)}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __repr__(self) -> str:
+        weights = f"{self.tag}: {self.source}" if self.tag else "random init"
+        return (f"PretrainedCfg({self.architecture}, {weights}, num_classes={self.num_classes}, "
+                f"{self.preprocessing!r})")
+
+
+@dataclass(frozen=True)
+class MeasuredSplit:
+    """What the reported numbers of one dataset were measured on: the split's name as the evaluation
+    protocol names it (``val2017``, ``val``) and the number of samples evaluated; None = not known."""
+
+    split: Optional[str] = None
+    num_samples: Optional[int] = None
+
+
 @dataclass(frozen=True)
 class FamilyConfig:
     family: str
     title: str
     paper: str = ""
     spec: str = ""
+    license: Optional[str] = None  # of the original code and its released weights (a Hugging Face license id)
     models: dict = field(default_factory=dict)  # name -> ModelConfig
 
 
@@ -242,10 +390,34 @@ def _typed(value: Any, types, where: str):
     return value
 
 
-def _parse_model(name: str, raw: Any, family: str, where: str) -> ModelConfig:
+def _label_names(value: Any, where: str) -> Union[str, tuple[str, ...], None]:
+    """A weights entry's ``label_names``: a list of names (by class id) or a label set's name."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of class names or the name of a label set, got {value!r}")
+
+
+def _measured_on(raw: Any, where: str) -> dict[str, MeasuredSplit]:
+    out = {}
+    for dataset, split in _typed(raw or {}, dict, where).items():
+        data = _check_fields(split, MeasuredSplit, f"{where}.{dataset}")
+        if data.get("split") is not None:
+            _text(data["split"], f"{where}.{dataset}.split")
+        if data.get("num_samples") is not None:
+            _positive_int(data["num_samples"], f"{where}.{dataset}.num_samples")
+        out[str(dataset)] = MeasuredSplit(**data)
+    return out
+
+
+def _parse_model(name: str, raw: Any, family: FamilyConfig, where: str) -> ModelConfig:
     data = _check_fields(raw, ModelConfig, where, required=("task",))
     data.pop("name", None)
     data.pop("family", None)
+    data.setdefault("paper", family.paper)
+    data.setdefault("license", family.license)
+    data["measured_on"] = _measured_on(data.get("measured_on"), f"{where}.measured_on")
     for key in ("kwargs", "preprocessing", "eval"):
         data[key] = _typed(data.get(key) or {}, dict, f"{where}.{key}")
     data["preprocessing"] = Preprocessing.parse(data["preprocessing"], f"{where}.preprocessing")
@@ -256,6 +428,7 @@ def _parse_model(name: str, raw: Any, family: str, where: str) -> ModelConfig:
         _typed(w["source"], str, f"{where}.weights.{tag}.source")
         if w.get("sha256") is not None and (len(str(w["sha256"])) != 64):
             raise ConfigError(f"{where}.weights.{tag}.sha256: expected 64 hex digits or null")
+        w["label_names"] = _label_names(w.get("label_names"), f"{where}.weights.{tag}.label_names")
         weights[str(tag)] = WeightsEntry(tag=str(tag), **w)
     data["weights"] = weights
     default = data.get("default_weights")
@@ -267,9 +440,12 @@ def _parse_model(name: str, raw: Any, family: str, where: str) -> ModelConfig:
         _typed(r["value"], (int, float), f"{where}.reported[{i}].value")
         if r.get("weights") is not None and r["weights"] not in weights:
             raise ConfigError(f"{where}.reported[{i}].weights: '{r['weights']}' is not a weights tag of {name}")
+        measured = data["measured_on"].get(r["dataset"], MeasuredSplit())
+        r.setdefault("split", measured.split)
+        r.setdefault("num_samples", measured.num_samples)
         reported.append(ReportedMetric(**{**r, "value": float(r["value"])}))
     data["reported"] = tuple(reported)
-    return ModelConfig(name=name, family=family, **data)
+    return ModelConfig(name=name, family=family.family, **data)
 
 
 def parse_family_config(raw: Any, path: Path) -> FamilyConfig:
@@ -278,11 +454,11 @@ def parse_family_config(raw: Any, path: Path) -> FamilyConfig:
     data = _check_fields(raw, FamilyConfig, where, required=("family", "title", "models"))
     if data["family"] != path.stem:
         raise ConfigError(f"{where}: field 'family' is '{data['family']}' but the file is named '{path.stem}.yaml'")
+    family = FamilyConfig(**{**data, "models": {}})
     models = {}
     for name, model in _typed(data["models"], dict, f"{where}: models").items():
-        models[name] = _parse_model(name, model, data["family"], f"{where}: models.{name}")
-    data["models"] = models
-    return FamilyConfig(**data)
+        models[name] = _parse_model(name, model, family, f"{where}: models.{name}")
+    return dataclasses.replace(family, models=models)
 
 
 def load_family_config(path: Path) -> FamilyConfig:

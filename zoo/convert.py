@@ -53,7 +53,7 @@ from zoo.checkpoint import (NUM_BATCHES_TRACKED, PICKLE_SUFFIXES, LoadReport, al
                             compare_state_dicts, load_checkpoint, load_into, save_safetensors,
                             state_dict_signature)
 from zoo.errors import ConfigError, ConversionError
-from zoo.paths import convert_dir
+from zoo.paths import convert_dir, progress_bar
 
 __all__ = [
     "EMA_KEYS", "TRANSFORMS", "ConversionMap", "Transform", "convert_state_dict", "ema_weights", "list_maps", "load_map",
@@ -338,7 +338,7 @@ def convert_state_dict(checkpoint: Any, cmap: ConversionMap | str,
     origin: dict[str, str] = {}
     renames = [(re.compile(p), r) for p, r in cmap.renames]
     drops = [re.compile(p) for p in cmap.drops]
-    for key, tensor in state.items():
+    for key, tensor in progress_bar(state.items(), total=len(state), desc=f"convert ({cmap.name})", unit="tensor"):
         new = key
         for prefix in cmap.strip_prefixes:
             if new.startswith(prefix):

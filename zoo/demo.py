@@ -63,6 +63,7 @@ class DemoRow:
     metric: str
     reported: Optional[float]
     reproduced: float
+    not_comparable: str = ""  # why the reported number was measured on something else (zoo.eval.runner.MetricRow)
 
     @property
     def difference(self) -> Optional[float]:
@@ -109,7 +110,8 @@ def evaluate_mini(mini: Mini, data_root: Path, *, batch_size: int = DEFAULT_BATC
     data_dir = prepare_data(mini, data_root)
     result = evaluate(mini.name, data_dir, batch_size=batch_size, progress=progress)
     family = model_info(mini.name).family
-    return [DemoRow(family, mini.name, row.metric, row.reported, row.reproduced) for row in result.rows]
+    return [DemoRow(family, mini.name, row.metric, row.reported, row.reproduced, row.not_comparable)
+            for row in result.rows]
 
 
 def run_demo(data_root: Optional[Path] = None, names: Optional[Sequence[str]] = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -133,14 +135,16 @@ def format_table(rows: Sequence[DemoRow]) -> str:
     signed = lambda v: "" if v is None else f"{round(v, 2) + 0.0:+.2f}"  # noqa: E731
     lines = ["| family | model | metric | reported | reproduced | difference |", "|---|---|---|---|---|---|"]
     for r in rows:
+        difference = "not comparable" if r.not_comparable else signed(r.difference)
         lines.append(f"| {r.family} | {r.model} | {r.metric} | {fmt(r.reported)} | {fmt(r.reproduced)} | "
-                     f"{signed(r.difference)} |")
+                     f"{difference} |")
     return "\n".join(lines)
 
 
 def check_rows(rows: Sequence[DemoRow], tolerance: float = TOLERANCE) -> list[str]:
-    """Problems found: a metric off by more than ``tolerance``, or a model with no reported number."""
-    problems = []
+    """Problems found: a metric off by more than ``tolerance``, one measured on another split than the
+    reported one, or a model with no reported number."""
+    problems = [f"{r.model} {r.metric}: not comparable ({r.not_comparable})" for r in rows if r.not_comparable]
     for r in rows:
         if r.difference is not None and abs(r.difference) > tolerance:
             problems.append(f"{r.model} {r.metric}: reproduced {r.reproduced:.4f} vs reported {r.reported:.4f} "

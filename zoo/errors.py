@@ -34,6 +34,10 @@ class OfflineError(WeightsError):
     """Offline mode is on and the file is not in the cache."""
 
 
+class UploadError(ZooError):
+    """An upload to the Hugging Face Hub that the Hub refused or that could not reach it."""
+
+
 class CheckpointError(ZooError):
     """A checkpoint that is corrupt, truncated, of an unknown format or holds a refused pickle global."""
 
@@ -48,3 +52,7 @@ class DatasetError(ZooError):
 
 class OpsError(ZooError):
     """A native kernel that cannot be built or loaded when ``RELZOO_OPS=native`` demands it."""
+
+
+class DependencyError(ZooError, ImportError):
+    """An optional dependency that a feature needs is not installed (the message names the extra to install)."""

@@ -1,8 +1,8 @@
-"""``zoo export NAME --out DIR``: a folder ready for ``huggingface_hub.upload_folder``.
+"""``zoo export NAME --out DIR``: a folder ready for the Hugging Face Hub, written by :func:`zoo.save_pretrained`.
 
-The same layout ``zoo convert`` writes (model.safetensors, config.json, README.md model
-card), so the folder also loads with ``create_model(name, weights=DIR)`` or, once uploaded,
-``create_model(name, weights='hf://org/repo')``.
+The same layout ``zoo convert`` writes (model.safetensors, config.json, README.md model card), so
+the folder loads with ``zoo.from_pretrained(DIR)`` or, once uploaded (``--push ORG/NAME``, or
+``huggingface_hub.upload_folder``), ``zoo.from_pretrained('hf://ORG/NAME')``.
 """
 from __future__ import annotations
 
@@ -10,23 +10,24 @@ from pathlib import Path
 from typing import Optional, Union
 
 from zoo.factory import create_model
-from zoo.hub import model_card, write_model_folder
+from zoo.hub import push_to_hub, save_pretrained
 from zoo.registry import model_info, split_name
 
 
-def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = None, **overrides) -> Path:
+def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = None, *,
+                 repo_id: Optional[str] = None, eval_results: Union[str, Path, None] = None, push: bool = False,
+                 **overrides) -> Path:
     """Build ``name`` (``name.tag`` loads that tag's weights; random weights when the model has none)
-    and write it to ``out_dir``. Returns the folder."""
+    and write it to ``out_dir`` with :func:`zoo.save_pretrained` (``repo_id``: the Hub repo it is for;
+    ``eval_results``: a ``zoo eval --out`` file for the card). ``push``: also upload it to ``repo_id``
+    (:func:`zoo.push_to_hub`). Returns the folder."""
     base, tag = split_name(name)
     cfg = model_info(base)
+    if push and not repo_id:
+        raise ValueError("push needs a repo_id (org/name) to upload to")
     pretrained = weights is None and (tag is not None or cfg.default_weights is not None)
     model = create_model(name, pretrained=pretrained, weights=weights, **overrides)
-    kwargs = {**cfg.kwargs, **overrides}
-    entry = cfg.weights.get(tag or cfg.default_weights or "") if weights is None else None
-    source = weights or (entry.source if entry else "random initialisation")
-    config = {"model": base, "kwargs": kwargs, "source": source}
-    if entry is not None and entry.sha256:
-        config["source_sha256"] = entry.sha256
-    origin = (f"Exported by RelZoo from `{source}`." if entry or weights
-              else "Exported by RelZoo with random weights (no published weights for this model).")
-    return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin))
+    folder = save_pretrained(model, out_dir, repo_id=repo_id, eval_results=eval_results)
+    if push:
+        push_to_hub(model, repo_id, eval_results=eval_results)
+    return folder

@@ -13,26 +13,30 @@ into the cache. Nothing below this module imports it (timm's ``_factory.py`` / `
 """
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from zoo import weights as weights_lib
 from zoo._fs import sha256_file
 from zoo.checkpoint import compare_state_dicts, load_checkpoint, load_into
-from zoo.config import ModelConfig, WeightsEntry
+from zoo.config import ModelConfig, PretrainedCfg, ReportedMetric, WeightsEntry
 from zoo.convert import ConversionMap, convert_state_dict, load_map
+from zoo.data.labels import label_names
 from zoo.detect import best_fit_hint, detect, model_signature
-from zoo.errors import CheckpointError, ConfigError, ConversionError
-from zoo.hub import check_out_dir, jsonable, model_card, write_model_folder
+from zoo.errors import CheckpointError, ConfigError, ConversionError, WeightsError
+from zoo.hub import FOLDER_CONFIG, check_out_dir, jsonable, model_card, write_model_folder
+from zoo.models._features import FeatureListNet
 from zoo.registry import model_constructor, model_info, split_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_model", "convert_checkpoint"]
+__all__ = ["create_model", "from_pretrained", "convert_checkpoint", "adapt_input_conv"]
 
 
 def _weights_request(cfg: ModelConfig, tag: Optional[str], pretrained: bool,
@@ -42,7 +46,11 @@ def _weights_request(cfg: ModelConfig, tag: Optional[str], pretrained: bool,
         weights = str(weights)
         if weights in cfg.weights:
             return cfg.weights[weights]
-        return WeightsEntry(tag="user", source=weights)
+        source = weights_lib.parse_source(weights)
+        if source.kind == "local" and not source.path.exists() and difflib.get_close_matches(weights, list(cfg.weights)):
+            raise WeightsError(f"model '{cfg.name}' has no weights tagged '{weights}'{cfg.tag_hint(weights)} "
+                               f"(and there is no file or folder '{weights}')")
+        return WeightsEntry(tag=USER_WEIGHTS, source=weights)
     if pretrained or tag:
         return cfg.weights_entry(tag)
     return None
@@ -80,8 +88,20 @@ def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, 
         ema: load the checkpoint's EMA weights (``model_ema``) instead of its main ones.
         **overrides: constructor kwargs, applied over the config's kwargs (and over the
             kwargs recorded in a RelZoo folder's ``config.json`` or read off an original checkpoint).
+            With weights, timm's rules:
 
-    Returns the model; in eval mode when weights were loaded, else as constructed.
+            - ``num_classes=N``: every tensor is loaded except the classifier's, which keeps its new
+              initialisation (the dropped keys are named once in a warning); 0 = no classifier, the
+              model returns pooled features. Detectors: DETR's class embedding, the box predictor.
+            - ``in_chans=N``: the first convolution's RGB weights are adapted
+              (:func:`adapt_input_conv`).
+            - ``features_only=True`` (with ``out_indices``): a backbone returning feature maps
+              (:class:`zoo.models._features.FeatureListNet`, ``model.feature_info``).
+
+            Every other key is loaded strictly.
+
+    Returns the model, with ``model.pretrained_cfg`` (:class:`~zoo.config.PretrainedCfg`; also
+    ``model.default_cfg``); in eval mode when weights were loaded, else as constructed.
     """
     base, tag = split_name(name)
     constructor = model_constructor(base)
@@ -90,23 +110,143 @@ def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, 
 
     kwargs = dict(cfg.kwargs)
     checkpoint = None
+    recorded = weights_lib.read_folder_config(entry.source) if entry is not None else None
+    if recorded and recorded.get("model") not in (None, base):
+        recorded = None  # another model's folder: the strict load says what does not fit
+    elif recorded is None and entry is not None and entry.converter is None:  # a user's file: maybe an original
+        # checkpoint; the weights are matched as saved, so a new head or input is left to _fit_state_dict
+        as_saved = {k: v for k, v in overrides.items() if k not in _NEW_HEAD_OR_INPUT + _FEATURE_OPTIONS}
+        converter, found_kwargs, checkpoint = _original_checkpoint(base, entry, converter, ema,
+                                                                   {**kwargs, **as_saved}, as_saved)
+        kwargs.update(found_kwargs)
+    if recorded:
+        kwargs.update(recorded.get("kwargs") or {})
     if entry is not None:
         converter = converter or entry.converter
-        recorded = weights_lib.read_folder_config(entry.source)
-        if recorded and recorded.get("model") in (None, base):
-            kwargs.update(recorded.get("kwargs") or {})
-        elif recorded is None and entry.converter is None:  # a user's file: maybe an original checkpoint
-            converter, found_kwargs, checkpoint = _original_checkpoint(base, entry, converter, ema,
-                                                                       {**kwargs, **overrides}, overrides)
-            kwargs.update(found_kwargs)
+    weights_num_classes = kwargs.get("num_classes")
     kwargs.update(overrides)
+    options = {key: kwargs.pop(key) for key in _FEATURE_OPTIONS if key in kwargs}
     model = constructor(**kwargs)
-    if entry is None:
-        return model
-    state_dict = weights_lib.load_state_dict(entry.source, sha256=entry.sha256, converter=converter, model=model,
-                                             ema=ema, checkpoint=checkpoint)
-    load_into(model, state_dict, strict=True)
-    return model.eval()
+    if entry is not None:
+        state_dict = weights_lib.load_state_dict(entry.source, sha256=entry.sha256, converter=converter,
+                                                 model=model, ema=ema, checkpoint=checkpoint)
+    if options.get("features_only"):
+        model = FeatureListNet(model, options.get("out_indices"))
+    if entry is not None:
+        state_dict = _fit_state_dict(model, state_dict, new_head="num_classes" in overrides,
+                                     new_input="in_chans" in overrides)
+        load_into(model, state_dict, strict=True)
+        model.eval()
+    model.pretrained_cfg = model.default_cfg = _pretrained_cfg(cfg, entry, recorded, {**kwargs, **options},
+                                                               weights_num_classes)
+    return model
+
+
+def from_pretrained(source: Union[str, Path], **overrides) -> nn.Module:
+    """Rebuild a model from a RelZoo folder alone: ``zoo.from_pretrained("hf://org/repo[@rev]")`` or
+    ``zoo.from_pretrained(DIR)`` (what :func:`zoo.save_pretrained` / ``zoo.push_to_hub`` wrote).
+
+    ``config.json`` names the model and its kwargs, ``model.safetensors`` holds the weights (loaded
+    strictly); ``overrides`` are :func:`create_model`'s (e.g. ``num_classes=5`` for a new head).
+    """
+    src = weights_lib.parse_source(source)
+    if src.kind == "url" or (src.kind == "hf" and src.filename is not None):
+        raise WeightsError(f"from_pretrained needs a folder (a local RelZoo folder or hf://org/repo[@rev]), got "
+                           f"'{src}'; for a single file use create_model(NAME, weights='{src}')")
+    if src.kind == "local" and not src.path.is_dir():
+        raise WeightsError(f"from_pretrained: '{src}' is not a folder (looked at {src.path})")
+    recorded = weights_lib.read_folder_config(src)
+    if not recorded or not recorded.get("model"):
+        raise WeightsError(f"from_pretrained: '{src}' has no {FOLDER_CONFIG} naming its model; write the folder "
+                           f"with zoo.save_pretrained(model, DIR) or `python -m zoo export NAME --out DIR`")
+    return create_model(str(recorded["model"]), weights=str(source), **overrides)
+
+
+USER_WEIGHTS = "user"  # the tag of a weights source given by the caller rather than by the config
+_FEATURE_OPTIONS = ("features_only", "out_indices")  # create_model's, not the constructor's
+_NEW_HEAD_OR_INPUT = ("num_classes", "in_chans")  # overrides that change the weights' shapes (_fit_state_dict)
+
+
+def _pretrained_cfg(cfg: ModelConfig, entry: Optional[WeightsEntry], recorded: Optional[dict], kwargs: dict,
+                    weights_num_classes: Optional[int]) -> PretrainedCfg:
+    """``model.pretrained_cfg``: the config, the weights entry, and what a RelZoo folder recorded
+    (:func:`zoo.hub.save_pretrained`'s ``pretrained_cfg``: label names, preprocessing, reported rows)."""
+    saved = (recorded or {}).get("pretrained_cfg") or {}
+    names = saved["label_names"] if "label_names" in saved else (entry.label_names if entry else None)
+    pretrained = PretrainedCfg.build(cfg, entry, model_kwargs=kwargs, label_names=label_names(names),
+                                     preprocessing=saved.get("preprocessing"))
+    if entry is not None and entry.tag == USER_WEIGHTS:  # a file or folder of the caller's
+        pretrained = pretrained.replace(
+            tag=saved.get("tag"), sha256=saved.get("sha256"), license=saved.get("license", pretrained.license),
+            reported=tuple(ReportedMetric(**row) for row in saved["reported"]) if "reported" in saved
+            else pretrained.reported)
+    if kwargs.get("features_only"):
+        pretrained = pretrained.replace(num_classes=None, label_names=None)
+    elif entry is not None and kwargs.get("num_classes") != weights_num_classes:
+        pretrained = pretrained.replace(label_names=None, reported=())  # a new head: not the weights' classes
+    return pretrained
+
+
+def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
+    """RGB weights of a first convolution ``(O, 3, *kernel)`` for ``in_chans`` inputs, timm's rule: summed
+    over R, G, B for 1 channel; else repeated over the channels and scaled by 3 / ``in_chans``."""
+    if weight.shape[1] != 3:
+        raise ConversionError(f"adapting a first convolution needs RGB weights (O, 3, ...), got {tuple(weight.shape)}")
+    dtype, weight = weight.dtype, weight.float()
+    if in_chans == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = [1, math.ceil(in_chans / 3)] + [1] * (weight.dim() - 2)
+        adapted = weight.repeat(*repeats)[:, :in_chans] * (3 / in_chans)
+    return adapted.to(dtype)
+
+
+def _fit_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *, new_head: bool,
+                    new_input: bool) -> dict[str, Tensor]:
+    """Weights of the model as built -> weights for ``model`` as asked for: a backbone's keys under
+    ``model.`` without the head, a first convolution adapted to ``in_chans``, no classifier keys for
+    a new ``num_classes``. Anything else that does not fit is left for the strict load to report."""
+    target = model.state_dict()
+    state = dict(state_dict)
+    if isinstance(model, FeatureListNet) and not any(key.startswith("model.") for key in state):
+        state = {f"model.{key}": value for key, value in state.items()}
+        head = [key for key in state if key.startswith(model.pruned)]
+        for key in head:
+            del state[key]
+        if head:
+            logger.info("features_only: left out %d keys of the head (%s)", len(head), ", ".join(model.pruned))
+    if new_input:
+        for key, value in list(state.items()):
+            want = target.get(key)
+            if (want is not None and want.shape != value.shape and value.dim() > 2 and value.shape[1] == 3
+                    and want.shape[:1] + want.shape[2:] == value.shape[:1] + value.shape[2:]):
+                state[key] = adapt_input_conv(want.shape[1], value)
+                logger.info("in_chans=%d: adapted %s from 3 input channels", want.shape[1], key)
+    classifier = _classifier_prefix(model)
+    if new_head and classifier is not None:
+        dropped = [key for key, value in state.items() if key.startswith(classifier)
+                   and (key not in target or target[key].shape != value.shape)]
+        if dropped:
+            what = ("num_classes=0: the model has no classifier" if getattr(model, "num_classes", None) == 0
+                    else "new num_classes: the classifier is re-initialised")
+            logger.warning("%s; left out of the weights: %s", what,
+                           ", ".join(f"{key} {list(state[key].shape)}" for key in dropped))
+        for key in dropped:
+            del state[key]
+        # the new classifier keeps its initialisation
+        state.update({key: value for key, value in target.items() if key.startswith(classifier) and key not in state})
+    return state
+
+
+def _classifier_prefix(model: nn.Module) -> Optional[str]:
+    """State-dict prefix of the model's classifier (``fc.``, ``roi_heads.box_predictor.``), None without one."""
+    if not hasattr(model, "get_classifier"):
+        return None
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return f"{name}."
+    return None
 
 
 def convert_checkpoint(src: str | os.PathLike, from_map: str | ConversionMap | None = None,

@@ -190,6 +190,19 @@ def progress_enabled() -> bool:
     return env_flag("RELZOO_NO_PROGRESS") is not True and sys.stderr.isatty()
 
 
+def disable_progress_bars() -> None:
+    """Turn progress bars off for this process and the ones it starts (``--quiet``): sets ``RELZOO_NO_PROGRESS=1``."""
+    os.environ["RELZOO_NO_PROGRESS"] = "1"
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on stderr, shown only when :func:`progress_enabled` (a terminal, not ``--quiet``);
+    ``kwargs`` are tqdm's (``total``, ``desc``, ``unit``). Iterating it iterates ``iterable``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, disable=not progress_enabled(), **kwargs)
+
+
 def environment_table() -> str:
     """The Markdown table README shows, made from :data:`ENVIRONMENT`."""
     rows = ["| variable | default | what it does |", "|---|---|---|"]

@@ -112,6 +112,9 @@ def format_info(name: str) -> str:
         sha = entry.sha256 or "unknown (recorded on first download)"
         conv = f", converted with '{entry.converter}'" if entry.converter else ""
         lines.append(f"    {cfg.name}.{tag}{default}: {entry.source}{conv}; sha256 {sha}")
+        labels = entry.label_names if isinstance(entry.label_names, str) or entry.label_names is None \
+            else f"{len(entry.label_names)} names"
+        lines.append(f"      classes: {labels or 'none (an embedding)'}; license: {entry.license or cfg.license or 'not stated'}")
         if entry.note:
             lines.append(f"      {entry.note}")
     if cfg.reported:
@@ -120,6 +123,8 @@ def format_info(name: str) -> str:
             flag = "" if r.verified else " (unverified)"
             note = f"; {r.note}" if r.note else ""
             lines.append(f"    | {r.metric} | {r.value:g} | {r.dataset} | {r.weights or 'paper'} | {r.source}{flag}{note} |")
+    if cfg.paper or cfg.license:
+        lines.append(f"  paper: {cfg.paper or 'not stated'}; license of the original: {cfg.license or 'not stated'}")
     if cfg.notes:
         lines += ["  notes:"] + [f"    {line}" for line in cfg.notes.strip().splitlines()]
     return "\n".join(lines)

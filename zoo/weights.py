@@ -467,7 +467,7 @@ def _hf_download(src: Source, filename: str) -> Path:
     try:
         return Path(hf_hub_download(src.repo_id, filename, revision=src.revision, cache_dir=str(cache),
                                     endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=offline(),
-                                    library_name="relzoo"))
+                                    library_name="relzoo", tqdm_class=None if progress_enabled() else _SilentTqdm))
     except LocalEntryNotFoundError as exc:
         if offline():
             raise OfflineError(f"offline mode (RELZOO_OFFLINE / HF_HUB_OFFLINE) and {where} is not in the "
@@ -482,6 +482,13 @@ def _hf_download(src: Source, filename: str) -> Path:
         raise WeightsError(f"{where}: repository '{src.repo_id}' not found (or private: set HF_TOKEN)") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise WeightsError(f"cannot download {where}: {first_line(exc)}") from None
+
+
+class _SilentTqdm(tqdm):
+    """huggingface_hub's download bars, off where RelZoo's are (output not a terminal, ``--quiet``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 class HubEntryNotFoundError(WeightsError):

@@ -14,8 +14,8 @@ Evaluation (deterministic, picklable for DataLoader workers):
 - :func:`reid_eval_transform`: resize to exactly input_size (PIL bilinear), normalise;
 - :class:`VideoEvalTransform`: frames resized to exactly ``resize``, centre crop, normalise.
 
-Training augmentation draws every random number from the ``torch.Generator`` it is given, so
-the caller's seed fixes a sample: :class:`DetrTrainTransform`, :class:`DetectorTrainTransform`,
+Training augmentation draws every random number from the ``torch.Generator`` it is given (torch's
+default one when none is), so the caller's seed fixes a sample: :class:`DetrTrainTransform`, :class:`DetectorTrainTransform`,
 :class:`ReidTrainTransform`, :class:`ClassificationTrainTransform`, :class:`VideoTrainTransform`.
 """
 from __future__ import annotations
@@ -75,17 +75,17 @@ def normalize(tensor: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (tensor - mean_t) / std_t
 
 
-def uniform(gen: torch.Generator) -> float:
-    """Uniform float in [0, 1)."""
+def uniform(gen: Optional[torch.Generator]) -> float:
+    """Uniform float in [0, 1) (``gen`` None: torch's default generator)."""
     return float(torch.rand((), generator=gen))
 
 
-def randint(gen: torch.Generator, low: int, high: int) -> int:
+def randint(gen: Optional[torch.Generator], low: int, high: int) -> int:
     """Uniform integer in [low, high] (inclusive)."""
     return int(torch.randint(low, high + 1, (), generator=gen))
 
 
-def random_crop(image, height: int, width: int, gen: torch.Generator):
+def random_crop(image, height: int, width: int, gen: Optional[torch.Generator]):
     """A random ``height`` x ``width`` crop of a PIL image at least that large."""
     left = randint(gen, 0, image.width - width)
     top = randint(gen, 0, image.height - height)
@@ -97,7 +97,7 @@ def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def _random_hflip(image, boxes: Tensor, gen: torch.Generator):
+def _random_hflip(image, boxes: Tensor, gen: Optional[torch.Generator]):
     """With p 0.5, the mirrored image and its mirrored (n, 4) xyxy pixel boxes."""
     if uniform(gen) < 0.5:
         return image.transpose(Image.FLIP_LEFT_RIGHT), hflip_boxes(boxes, image.width)
@@ -206,6 +206,7 @@ class VideoEvalTransform:
 
     def __init__(self, pre: Preprocessing = Preprocessing()):
         _require_bilinear(pre, "video")
+        self.num_frames = pre.num_frames or DEFAULT_NUM_FRAMES  # frames of a clip (the sampling is the reader's)
         self.resize = tuple(pre.resize or VIDEO_EVAL_RESIZE)
         self.crop = (pre.input_size or DEFAULT_INPUT_SIZE)[0]
         if self.crop > min(self.resize):
@@ -225,6 +226,10 @@ class VideoEvalTransform:
         """T frames from :meth:`frame` -> (3T, crop, crop) float32, channel 3 t + c."""
         clip = torch.stack(list(frames)).float().div_(255.0)  # (T, 3, crop, crop)
         return normalize(clip, self.mean, self.std).reshape(-1, self.crop, self.crop)
+
+    def __call__(self, frames: Sequence) -> Tensor:
+        """T PIL RGB frames -> (3T, crop, crop): :meth:`frame` each, then :meth:`clip`."""
+        return self.clip([self.frame(image) for image in frames])
 
 
 # =============================================================================================
@@ -246,7 +251,7 @@ class DetrTrainTransform:
         self.mean, self.std = _mean_std(pre)
         self.hflip = hflip
 
-    def __call__(self, image, boxes: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def __call__(self, image, boxes: Tensor, gen: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         if self.hflip:
             image, boxes = _random_hflip(image, boxes, gen)
         new_h, new_w = detr_resize_size(image.width, image.height, self.resize_shorter, self.max_size)
@@ -265,7 +270,7 @@ class DetectorTrainTransform:
     def __init__(self, hflip: bool = True):
         self.hflip = hflip
 
-    def __call__(self, image, boxes: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def __call__(self, image, boxes: Tensor, gen: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         if self.hflip:
             image, boxes = _random_hflip(image, boxes, gen)
         return to_tensor(image), boxes
@@ -282,7 +287,7 @@ class ReidTrainTransform:
         self.height, self.width = pre.input_size or REID_INPUT_SIZE
         self.mean, self.std = _mean_std(pre)
 
-    def __call__(self, image, gen: torch.Generator) -> Tensor:
+    def __call__(self, image, gen: Optional[torch.Generator] = None) -> Tensor:
         if uniform(gen) < 0.5:  # Random2DTranslation
             big = image.resize((round(self.width * 1.125), round(self.height * 1.125)), Image.BILINEAR)
             image = random_crop(big, self.height, self.width, gen)
@@ -306,7 +311,7 @@ class ClassificationTrainTransform:
         self.mean, self.std = _mean_std(pre)
         self.hflip = hflip
 
-    def __call__(self, image, gen: torch.Generator) -> Tensor:
+    def __call__(self, image, gen: Optional[torch.Generator] = None) -> Tensor:
         if self.height == self.width:
             short = math.floor(self.height / self.crop_pct)
             scale = short / min(image.width, image.height)
@@ -332,7 +337,7 @@ class VideoTrainTransform:
                                            math.floor(self.width / DEFAULT_CROP_PCT)))
         self.mean, self.std = _mean_std(pre)
 
-    def __call__(self, frames: Sequence, gen: torch.Generator) -> Tensor:
+    def __call__(self, frames: Sequence, gen: Optional[torch.Generator] = None) -> Tensor:
         h, w = self.resize
         left, top = randint(gen, 0, w - self.width), randint(gen, 0, h - self.height)
         box = (left, top, left + self.width, top + self.height)

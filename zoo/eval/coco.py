@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from zoo.data.coco import CocoDetection
-from zoo.data.transforms import detection_eval_transform
 from zoo.errors import DatasetError
 from zoo.eval.protocol import Protocol, register_protocol
 from zoo.models.detr import PostProcess
@@ -29,12 +28,14 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 class CocoProtocol(Protocol):
     """COCO detection. Options: ``split`` ('val2017'), ``dataset`` (the name reported rows are matched
     by; default ``coco_<split>``, another for COCO-format data that is not COCO). Preprocessing from the model config
-    (:func:`zoo.data.transforms.detection_eval_transform`): ``resize_shorter`` (800), ``max_size`` (1333), ``mean``,
-    ``std``, ``interpolation``.
+    (:meth:`Protocol.eval_transform`: DETR's resize): ``resize_shorter`` (800), ``max_size`` (1333), ``mean``,
+    ``std``, ``interpolation``. Per class: AP and AP50 of each category.
 
     Samples are ``(image (3, H, W), {"image_id", "orig_size": (h, w)})``; predictions are dicts of
     numpy arrays (``boxes`` (Q, 4) xywh in original pixels, ``scores`` (Q,), ``labels`` (Q,)).
     """
+
+    task = "detection"
 
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
         super().__init__(data_dir, model_config, options, limit)
@@ -42,7 +43,7 @@ class CocoProtocol(Protocol):
         self.dataset_name = str(self.options.pop("dataset", f"coco_{self.split}"))
         if self.options:
             raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
-        self.transform = detection_eval_transform(model_config.preprocessing)
+        self.transform = self.eval_transform()
         self._dataset: Optional[CocoDetection] = None
 
     def dataset(self) -> CocoDetection:
@@ -76,8 +77,13 @@ class CocoProtocol(Protocol):
     def compute(self, predictions: list) -> dict[str, float]:
         if not predictions:
             raise DatasetError(f"coco protocol: no images were evaluated in {self.data_dir}")
-        coco_gt = self.dataset().coco
-        return coco_box_ap(coco_gt, predictions)
+        evaluator = coco_evaluate(self.dataset().coco, predictions)
+        self.curves = {"pr_curve": pr_curve(evaluator)}
+        self.per_class_metrics = per_category_ap(evaluator)
+        return box_ap(evaluator)
+
+    def class_names(self) -> dict[int, str]:
+        return {int(c["id"]): str(c["name"]) for c in self.dataset().coco.dataset.get("categories", [])}
 
 
 def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
@@ -85,6 +91,12 @@ def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
 
     ``predictions``: dicts with ``image_id`` and numpy ``boxes`` (N, 4) xywh, ``scores`` (N,), ``labels`` (N,).
     """
+    return box_ap(coco_evaluate(coco_gt, predictions))
+
+
+def coco_evaluate(coco_gt, predictions: list):
+    """pycocotools ``COCOeval`` (bbox) run over the images in ``predictions`` (see :func:`coco_box_ap`):
+    evaluated, accumulated and summarised."""
     from pycocotools.cocoeval import COCOeval
 
     results = []
@@ -109,6 +121,47 @@ def coco_box_ap(coco_gt, predictions: list) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    # pycocotools reports -1 for a size range without any ground truth among the evaluated
-    # images (e.g. no small objects in a --limit subset): that metric is undefined, so it is left out.
+    return evaluator
+
+
+def per_category_ap(evaluator) -> dict[int, dict[str, float]]:
+    """AP and AP50 (percent) of each category with ground truth among the evaluated images."""
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recalls, categories, areas, max detections)
+    out = {}
+    for k, category in enumerate(evaluator.params.catIds):
+        every, at50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]  # area 'all', 100 detections
+        if (every > -1).any():
+            out[int(category)] = {"AP": 100.0 * float(every[every > -1].mean()),
+                                  "AP50": 100.0 * float(at50[at50 > -1].mean()) if (at50 > -1).any() else 0.0}
+    return out
+
+
+def box_ap(evaluator) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl in percent from a summarised ``COCOeval``.
+
+    pycocotools reports -1 for a size range without any ground truth among the evaluated images (e.g.
+    no small objects in a --limit subset): that metric is undefined, so it is left out.
+    """
     return {name: float(value) * 100.0 for name, value in zip(METRICS, evaluator.stats[:6]) if value >= 0}
+
+
+def pr_curve(evaluator) -> dict:
+    """Precision-recall per IoU threshold from an accumulated ``COCOeval`` (what ``pr_curve.png`` draws).
+
+    COCOeval's interpolated precision at its 101 recall thresholds, for all areas and the largest
+    detection limit, averaged over the categories that have ground truth (those with -1 are left out);
+    None at a threshold where no category has any. The mean of one row is the AP at that IoU, so the
+    mean over all rows is the AP of :func:`box_ap`. Returns ``{"recall": [101], "iou_thresholds": [10],
+    "precision": [10][101], "area": "all", "max_dets": 100}``.
+    """
+    params = evaluator.params
+    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]  # (T, R, K)
+    rows = []
+    for per_threshold in precision:
+        row = []
+        for per_recall in per_threshold:
+            defined = per_recall[per_recall > -1]
+            row.append(float(defined.mean()) if defined.size else None)
+        rows.append(row)
+    return {"recall": [float(r) for r in params.recThrs], "iou_thresholds": [float(t) for t in params.iouThrs],
+            "precision": rows, "area": "all", "max_dets": int(params.maxDets[-1])}

@@ -4,16 +4,15 @@ Dataset (``--data DIR``): ImageNet-style class folders (:mod:`zoo.data.imagefold
 ``DIR/<class>/*`` or ``DIR/<split>/<class>/*`` with ``split`` from the options (default ``val``,
 ImageNet's validation set arranged by class, the layout torchvision and timm use).
 
-Preprocessing comes from the model config's ``preprocessing``
-(:func:`zoo.data.transforms.classification_eval_transform`): ``input_size`` [H, W], ``crop_pct``
-(resize the shorter side to H / crop_pct, then centre crop; default 0.875), ``mean``, ``std``,
-``interpolation``.
+Preprocessing comes from the model config's ``preprocessing`` (:meth:`Protocol.eval_transform`,
+the single centre crop): ``input_size`` [H, W], ``crop_pct`` (resize the shorter side to H / crop_pct,
+then centre crop; default 0.875), ``mean``, ``std``, ``interpolation``.
 
 Options (config ``eval`` mapping): ``dataset`` (name matched against the reported rows, default
 ``imagenet_val``), ``split`` (default ``val``), ``num_classes`` (expected number of class folders;
 a mismatch is an error since labels would be shifted).
 
-Metrics in percent: ``top1``, ``top5`` (:func:`zoo.eval.metrics.topk_accuracy`).
+Metrics in percent: ``top1``, ``top5`` (:func:`zoo.eval.metrics.topk_accuracy`); per class: ``top1``.
 """
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ from typing import Optional
 import torch
 
 from zoo.data.imagefolder import ImageFolder, find_classes
-from zoo.data.transforms import classification_eval_transform
 from zoo.errors import DatasetError
-from zoo.eval.metrics import topk_accuracy
+from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
 _KS = (1, 5)
@@ -42,8 +40,9 @@ class ImageNetProtocol(Protocol):
         if unknown:
             raise ValueError(f"imagenet protocol: unknown option(s) {unknown}; known: {sorted(known)}")
         self.dataset_name = self.options.get("dataset", "imagenet_val")
-        self.root = self._resolve_root(Path(data_dir), self.options.get("split", "val"))
-        self.transform = classification_eval_transform(model_config.preprocessing)
+        self.split = str(self.options.get("split", "val"))
+        self.root = self._resolve_root(Path(data_dir), self.split)
+        self.transform = self.eval_transform()
 
     @staticmethod
     def _resolve_root(data_dir: Path, split: str) -> Path:
@@ -85,4 +84,8 @@ class ImageNetProtocol(Protocol):
             raise DatasetError(f"no samples were evaluated in {self.root}")
         scores = torch.tensor([p[1] for p in predictions], dtype=torch.float64)
         positions = torch.tensor([p[0].index(p[2]) if p[2] in p[0] else -1 for p in predictions])
+        self.per_class_metrics = per_class_top1([p[0][0] for p in predictions], [p[2] for p in predictions])
         return topk_accuracy(scores, positions, ks=_KS)
+
+    def class_names(self) -> dict[int, str]:
+        return dict(enumerate(find_classes(self.root)))

@@ -24,3 +24,13 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     top = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :kmax]
     hits = top.eq(labels.reshape(-1, 1))
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def per_class_top1(predicted: Sequence[int], labels: Sequence[int]) -> dict[int, dict[str, float]]:
+    """``{label: {"top1": accuracy in percent, "samples": count}}`` for every label present."""
+    counts: dict[int, list[int]] = {}
+    for guess, label in zip(predicted, labels):
+        hits = counts.setdefault(int(label), [0, 0])
+        hits[0] += int(guess == label)
+        hits[1] += 1
+    return {label: {"top1": 100.0 * hit / total, "samples": float(total)} for label, (hit, total) in sorted(counts.items())}

@@ -11,7 +11,8 @@ import importlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from zoo.config import ModelConfig
+from zoo.config import ModelConfig, PretrainedCfg
+from zoo.data.config import create_transform, resolve_data_config
 from zoo.errors import ConfigError
 
 # Protocol name -> module defining it; imported only when the protocol is asked for,
@@ -39,12 +40,21 @@ class Protocol:
     name: str = ""
     #: Which dataset the numbers belong to (matched against ``ReportedMetric.dataset``); None = any.
     dataset_name: Optional[str] = None
+    #: Which split of it is evaluated (compared with ``ReportedMetric.split``); None = not stated.
+    split: Optional[str] = None
+    #: The input pipeline the protocol feeds (a task of :data:`zoo.data.config.TASK_KINDS`).
+    task: str = "image classification"
 
     def __init__(self, data_dir: Path, model_config: ModelConfig, options: dict, limit: Optional[int] = None):
         self.data_dir = Path(data_dir)
         self.model_config = model_config
         self.options = dict(options)
         self.limit = limit
+        #: Curves of the last :meth:`compute`, name -> JSON-ready data (``pr_curve`` for COCO, ``cmc`` for
+        #: re-id; :mod:`zoo.viz.curves` draws them); empty for protocols that have none.
+        self.curves: dict[str, dict] = {}
+        #: ``{class id: {metric: value}}`` of the last :meth:`compute`, where the protocol has per-class numbers.
+        self.per_class_metrics: dict[int, dict[str, float]] = {}
 
     def dataset(self) -> Sequence:
         """Indexable samples (picklable, e.g. ``(image_tensor, meta)``), at most ``limit`` of them."""
@@ -59,8 +69,20 @@ class Protocol:
         raise NotImplementedError
 
     def compute(self, predictions: list) -> dict[str, float]:
-        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units."""
+        """Predictions of all samples, in dataset order -> ``{metric: value}`` in the paper's units (and,
+        where the protocol has them, :attr:`curves` and :attr:`per_class_metrics` set)."""
         raise NotImplementedError
+
+    def class_names(self) -> dict[int, str]:
+        """The dataset's own names of its class ids, where it has them (COCO categories, class folders)."""
+        return {}
+
+    def eval_transform(self, **overrides):
+        """The evaluation transform of :attr:`task` with the model config's preprocessing and ``overrides``
+        (timm's key names), made by :func:`zoo.data.resolve_data_config` and :func:`zoo.data.create_transform`."""
+        config = resolve_data_config(pretrained_cfg=PretrainedCfg.build(self.model_config),
+                                     **{"task": self.task, **overrides})
+        return create_transform(config)
 
 
 def register_protocol(name: str):

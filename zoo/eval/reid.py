@@ -22,10 +22,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from zoo.config import Preprocessing
 from zoo.data.imagefolder import load_rgb
 from zoo.data.reid import REID_DATASETS, read_reid_dataset
-from zoo.data.transforms import reid_eval_transform
 from zoo.eval.protocol import Protocol, register_protocol
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -279,6 +277,8 @@ class ReidProtocol(Protocol):
             for another size).
     """
 
+    task = "person re-identification"
+
     _KNOWN = {"dataset", "legacy_sklearn", "separate_camera_set", "single_gallery_shot", "first_match_break",
               "keep_junk", "input_size", "seed"}
 
@@ -290,10 +290,9 @@ class ReidProtocol(Protocol):
         self.dataset_name = self.options.get("dataset", "cuhk03_labeled")
         if self.dataset_name not in REID_DATASETS:
             raise ValueError(f"reid protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(REID_DATASETS)}")
-        pre = model_config.preprocessing
-        if self.options.get("input_size"):
-            pre = Preprocessing.parse({**pre, "input_size": self.options["input_size"]}, "reid protocol options")
-        self.transform = reid_eval_transform(pre)
+        self.split = "test"  # the query and gallery images
+        overrides = {"input_size": self.options["input_size"]} if self.options.get("input_size") else {}
+        self.transform = self.eval_transform(**overrides)
         self._samples: Optional[_ReidSamples] = None
 
     def dataset(self) -> _ReidSamples:
@@ -337,5 +336,7 @@ class ReidProtocol(Protocol):
                     single_gallery_shot=bool(opts.get("single_gallery_shot", False)),
                     first_match_break=bool(opts.get("first_match_break", True)), rng=rng)
         m_ap = mean_ap(*args, legacy_sklearn=bool(opts.get("legacy_sklearn", False)))
+        self.curves = {"cmc": {"ranks": list(range(1, len(curve) + 1)), "cmc": [100 * float(c) for c in curve],
+                               "mAP": 100 * m_ap}}
         return {"rank1": 100 * float(curve[0]), "rank5": 100 * float(curve[4]), "rank10": 100 * float(curve[9]),
                 "mAP": 100 * m_ap}

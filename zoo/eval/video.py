@@ -13,11 +13,9 @@ from typing import Optional
 
 import torch
 
-from zoo.config import Preprocessing
 from zoo.data.ssv import SPLIT_FILES, SSVideoClips, read_split
-from zoo.data.transforms import DEFAULT_NUM_FRAMES, VideoEvalTransform
 from zoo.errors import DatasetError
-from zoo.eval.metrics import topk_accuracy
+from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
 __all__ = ["SSVProtocol"]
@@ -39,6 +37,8 @@ class SSVProtocol(Protocol):
     Samples: ``(clips, 3T, crop, crop)`` tensors; the model gets ``(B * clips, 3T, crop, crop)``.
     """
 
+    task = "video classification"
+
     _KNOWN = {"dataset", "split", "list_file", "num_frames", "clips", "resize", "crop", "prefix"}
 
     def __init__(self, data_dir: Path, model_config, options: dict, limit: Optional[int] = None):
@@ -49,17 +49,16 @@ class SSVProtocol(Protocol):
         self.dataset_name = self.options.get("dataset", "ssv1")
         if self.dataset_name not in SPLIT_FILES:
             raise ValueError(f"ssv protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(SPLIT_FILES)}")
-        split = self.options.get("split", "val")
-        if split not in SPLIT_FILES[self.dataset_name]:
-            raise ValueError(f"ssv protocol: split must be 'val' or 'train', got {split!r}")
-        list_file = Path(self.options.get("list_file") or SPLIT_FILES[self.dataset_name][split])
+        self.split = self.options.get("split", "val")
+        if self.split not in SPLIT_FILES[self.dataset_name]:
+            raise ValueError(f"ssv protocol: split must be 'val' or 'train', got {self.split!r}")
+        list_file = Path(self.options.get("list_file") or SPLIT_FILES[self.dataset_name][self.split])
         self.list_file = list_file if list_file.is_absolute() else self.data_dir / list_file
         # the options num_frames, resize and crop override the model's preprocessing
         fields = {"num_frames": "num_frames", "resize": "resize", "crop": "input_size"}
         overrides = {field: self.options[option] for option, field in fields.items() if self.options.get(option)}
-        pre = Preprocessing.parse({**model_config.preprocessing, **overrides}, "ssv protocol options")
-        self.num_frames = pre.num_frames or DEFAULT_NUM_FRAMES
-        self.transform = VideoEvalTransform(pre)
+        self.transform = self.eval_transform(**overrides)
+        self.num_frames = self.transform.num_frames
         self.clips = int(self.options.get("clips", 1))
         self.prefix = str(self.options.get("prefix", "img_"))
         self._dataset: Optional[SSVideoClips] = None
@@ -94,4 +93,6 @@ class SSVProtocol(Protocol):
     def compute(self, predictions: list) -> dict[str, float]:
         logits = torch.stack([p for p, _ in predictions])
         labels = torch.tensor([label for _, label in predictions], dtype=torch.long)
+        guesses = torch.argsort(logits, dim=1, descending=True, stable=True)[:, 0]  # topk_accuracy's order for ties
+        self.per_class_metrics = per_class_top1(guesses.tolist(), labels.tolist())
         return topk_accuracy(logits, labels, ks=(1, 5))

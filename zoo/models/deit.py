@@ -12,12 +12,14 @@ embedding is kept, as in the original. Lookup tables start at zero (no re-init, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from zoo.layers.irpe import RPEAttention, get_rpe_config
+from zoo.models._features import FeaturePoint
+from zoo.models._head import classifier_layer
 from zoo.registry import register_model
 
 __all__ = ["VisionTransformer", "deit_rpe_config"]
@@ -92,18 +94,22 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT/DeiT classifier with iRPE attention in every block (same rpe_config for all).
 
-    Args: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
-    qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over
-    blocks), rpe_config (from :func:`zoo.layers.irpe.get_rpe_config` with skip=1, or None).
-    Input (B, 3, img_size, img_size) -> logits (B, num_classes).
+    Args: img_size, patch_size, in_chans, num_classes (0: no head, the model returns the pooled
+    features), embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+    drop_path_rate (linearly increasing over blocks), rpe_config (from
+    :func:`zoo.layers.irpe.get_rpe_config` with skip=1, or None), global_pool (``'token'``: the class
+    token, the original's; ``'avg'``: the mean of the patch tokens, timm's other choice).
+    Input (B, in_chans, img_size, img_size) -> logits (B, num_classes).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, rpe_config=None):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, rpe_config=None,
+                 global_pool: str = "token"):
         super().__init__()
         self.num_classes = num_classes
+        self.global_pool = _check_token_pool(global_pool)
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -114,7 +120,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, rates[i], rpe_config)
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = classifier_layer(embed_dim, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -129,17 +135,61 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the class token's final (normed) features (B, embed_dim)."""
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the class token and the patch tokens with their position embedding (B, 1 + N, D)."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> every token's final (normed) features (B, 1 + N, embed_dim), the class token first."""
+        x = self._tokens(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The tokens -> the class token (``global_pool`` 'token') or the patch tokens' mean ('avg'), (B, D),
+        then the head."""
+        x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for ``num_classes`` (0: none), and optionally another pooling ('token' or 'avg')."""
+        if global_pool is not None:
+            self.global_pool = _check_token_pool(global_pool)
+        self.head = classifier_layer(self.embed_dim, num_classes)
+        self.num_classes = num_classes
+
+    # -- backbone (zoo.models._features): every block's patch tokens as a (B, D, H / p, W / p) map --
+    feature_head = ("norm", "head")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return [FeaturePoint(f"blocks.{i}", self.embed_dim, self.patch_embed.patch_size) for i in range(len(self.blocks))]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """(B, C, H, W) -> the outputs of the blocks ``indices`` (class token dropped, not normed), each
+        reshaped to (B, embed_dim, H / patch_size, W / patch_size)."""
+        grid = self.patch_embed.img_size // self.patch_embed.patch_size
+        x = self._tokens(x)
+        maps = []
+        for block in self.blocks[:max(indices) + 1]:
+            x = block(x)
+            maps.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], self.embed_dim, grid, grid))
+        return [maps[i] for i in indices]
+
+
+def _check_token_pool(global_pool: str) -> str:
+    if global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool must be 'token' (the class token) or 'avg' (the patch tokens' mean), "
+                         f"got {global_pool!r}")
+    return global_pool
 
 
 def deit_rpe_config(ratio: float = 1.9, method: str = "product", rpe_on: str = "k"):

@@ -15,6 +15,7 @@ relative to each image's own unpadded size.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from typing import Optional, Sequence, Union
@@ -26,6 +27,7 @@ from torchvision.ops import box_convert
 
 from zoo.errors import ConversionError
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
+from zoo.models._features import FeaturePoint
 from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -38,21 +40,21 @@ __all__ = ["DETR", "PostProcess", "PositionEmbeddingSine", "Transformer", "neste
 # Batching and boxes
 # --------------------------------------------------------------------------------------
 
-def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad 3 x H_i x W_i images at the bottom/right to the batch's max size.
+def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor], channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``channels`` x H_i x W_i images at the bottom/right to the batch's max size.
 
-    Returns (batch (B, 3, H, W), mask (B, H, W) bool, True = padding).
+    Returns (batch (B, channels, H, W), mask (B, H, W) bool, True = padding).
     """
     if len(images) == 0:
         raise ValueError("DETR got an empty list of images")
     for i, img in enumerate(images):
-        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != channels:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"DETR expects images of shape (3, H, W); image {i} is {shape}")
+            raise ValueError(f"DETR expects images of shape ({channels}, H, W); image {i} is {shape}")
     h = max(img.shape[1] for img in images)
     w = max(img.shape[2] for img in images)
     first = images[0]
-    batch = first.new_zeros(len(images), 3, h, w)
+    batch = first.new_zeros(len(images), channels, h, w)
     mask = torch.ones(len(images), h, w, dtype=torch.bool, device=first.device)
     for img, pad_img, m in zip(images, batch, mask):
         pad_img[:, :img.shape[1], :img.shape[2]].copy_(img)
@@ -352,6 +354,8 @@ class DETR(nn.Module):
     ``aux_outputs`` (list of the same for the first num_dec_layers - 1 decoder layers).
     ``return_intermediates=True`` adds ``intermediates``: backbone_features, feature_mask,
     pos_embed, encoder_memory (B, d, h, w) and decoder_hs (num_dec_layers, B, Q, d).
+    ``get_classifier`` / ``reset_classifier(num_classes)``: the class embedding; as a backbone
+    (:mod:`zoo.models._features`) the ResNet body's maps of a padded batch.
     """
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
@@ -360,6 +364,7 @@ class DETR(nn.Module):
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
+        self.num_classes = num_classes
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -367,13 +372,40 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
 
-    def forward(self, images: Union[Sequence[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor] = None,
-                return_intermediates: bool = False) -> dict:
+    @property
+    def in_chans(self) -> int:
+        return self.backbone[0].body.in_chans
+
+    def get_classifier(self) -> nn.Module:
+        return self.class_embed
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new class embedding for ``num_classes`` ids (+ the no-object logit)."""
+        _check_positive(num_classes=num_classes)
+        self.class_embed = nn.Linear(self.transformer.d_model, num_classes + 1)
+        self.num_classes = num_classes
+
+    # -- backbone (zoo.models._features): the ResNet body's maps --
+    feature_head = ("transformer", "class_embed", "bbox_embed", "query_embed", "input_proj")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return [dataclasses.replace(p, module=f"backbone.0.body.{p.module}")
+                for p in self.backbone[0].body.feature_points()]
+
+    def forward_intermediates(self, images: Union[Sequence[torch.Tensor], torch.Tensor],
+                              indices: Sequence[int]) -> list[torch.Tensor]:
+        """A (B, 3, H, W) batch or a list of (3, H_i, W_i) images (zero-padded into one) -> the body's maps."""
+        batch, _ = self._batch(images, None)
+        return self.backbone[0].body.forward_intermediates(batch, indices)
+
+    def _batch(self, images, mask):
+        """The model's inputs (see the class docstring) -> (batch (B, C, H, W), mask (B, H, W) bool)."""
+        channels = self.in_chans
         if isinstance(images, torch.Tensor) and images.dim() == 3:
             images = [images]  # one image
         if isinstance(images, torch.Tensor) and images.dim() == 4:
-            if images.shape[1] != 3:
-                raise ValueError(f"DETR expects a batch of shape (B, 3, H, W), got {tuple(images.shape)}")
+            if images.shape[1] != channels:
+                raise ValueError(f"DETR expects a batch of shape (B, {channels}, H, W), got {tuple(images.shape)}")
             batch = images
             if mask is None:
                 mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
@@ -381,12 +413,17 @@ class DETR(nn.Module):
                 raise ValueError(f"mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
             mask = mask.bool()
         elif isinstance(images, torch.Tensor):
-            raise ValueError(f"DETR expects (B, 3, H, W), (3, H, W) or a list of (3, H, W) images, got {tuple(images.shape)}")
+            raise ValueError(f"DETR expects (B, {channels}, H, W), ({channels}, H, W) or a list of ({channels}, H, W) "
+                             f"images, got {tuple(images.shape)}")
         else:
             if mask is not None:
                 raise ValueError("mask is only given with a padded batch tensor; a list of images is padded here")
-            batch, mask = nested_tensor_from_tensor_list(list(images))
+            batch, mask = nested_tensor_from_tensor_list(list(images), channels)
+        return batch, mask
 
+    def forward(self, images: Union[Sequence[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor] = None,
+                return_intermediates: bool = False) -> dict:
+        batch, mask = self._batch(images, mask)
         features, feature_mask, pos = self.backbone(batch, mask)
         hs, memory = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)
         logits = self.class_embed(hs)
@@ -411,12 +448,13 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
                pre_norm: bool = False, enc_rpe2d: str = "", aux_loss: bool = True, backbone_width_div: int = 1,
                backbone_layers: Sequence[int] = (3, 4, 6, 3), dilation: bool = False,
                position_embedding: str = "sine", pretrained_backbone: bool = False, frozen_bn: bool = True,
-               trainable_backbone_layers: int = 3) -> DETR:
+               trainable_backbone_layers: int = 3, in_chans: int = 3) -> DETR:
     """DETR from the original ``main.py`` argument names (see :func:`detr_r50_irpe`).
 
     ``frozen_bn`` and ``trainable_backbone_layers`` (0..5 of conv1, layer1..4) are ours: the
     original freezes every BN and trains layer2-4 of an ImageNet backbone (True, 3); a model
-    trained from scratch needs ordinary BatchNorm and every stage (False, 5).
+    trained from scratch needs ordinary BatchNorm and every stage (False, 5). ``in_chans``: input
+    channels (3: RGB).
     """
     _check_positive(num_classes=num_classes, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
                     dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
@@ -427,7 +465,7 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
         raise ValueError(f"position_embedding '{position_embedding}' is not supported (only 'sine', alias 'v2')")
     body = ResNet(layers=tuple(backbone_layers), width_div=backbone_width_div,
                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-                  replace_stride_with_dilation=(False, False, bool(dilation)))
+                  replace_stride_with_dilation=(False, False, bool(dilation)), in_chans=in_chans)
     if pretrained_backbone:
         load_imagenet_resnet50(body)
     backbone = _Joiner(_Backbone(body, trainable_backbone_layers), PositionEmbeddingSine(hidden_dim // 2, normalize=True))

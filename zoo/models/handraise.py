@@ -19,6 +19,7 @@ missed detections across frames) is not part of this model.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -31,7 +32,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from zoo.layers.rpa import MultiheadNonlocal2d
+from zoo.models._features import FeaturePoint
 from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -80,6 +83,7 @@ class ResNetFPNBalancedBackbone(nn.Module):
         frozen_bn: FrozenBatchNorm2d (True) or BatchNorm2d in the body.
         layers, width_div: of the shared ResNet ((3, 4, 6, 3), 1: ResNet-50).
         out_channels: FPN width (256 in the papers).
+        in_chans: input channels of the body (3: RGB).
 
     forward: (B, 3, H, W) normalised images -> OrderedDict ``'0'..'3', 'pool'`` of
     (B, out_channels, H/s, W/s), s = 4, 8, 16, 32, 64 (what torchvision's detection heads expect).
@@ -87,11 +91,13 @@ class ResNetFPNBalancedBackbone(nn.Module):
     """
 
     def __init__(self, refine: nn.Module, trainable_layers: int = 5, frozen_bn: bool = True,
-                 layers: Sequence[int] = (3, 4, 6, 3), width_div: int = 1, out_channels: int = 256):
+                 layers: Sequence[int] = (3, 4, 6, 3), width_div: int = 1, out_channels: int = 256,
+                 in_chans: int = 3):
         super().__init__()
         self.out_channels = out_channels
         self.body = ResNet(layers=tuple(layers), width_div=width_div,
-                           norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d, num_classes=None)
+                           norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d, num_classes=None,
+                           in_chans=in_chans)
         stage_channels = [stage[-1].conv3.out_channels for stage in self.body.stages]
         self.fpn = FeaturePyramidNetwork(stage_channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.bfp = BalancedFeaturePyramid(num_levels=5, refine_level=2, refine=refine)
@@ -129,12 +135,17 @@ class HandRaiseRCNN(FasterRCNN):
             backbone, else 5, as torchvision).
         frozen_bn: the backbone's BN layers are frozen (the detection standard when starting from
             ImageNet weights); False gives trainable BatchNorm2d, better for training from scratch.
+        in_chans: input channels (3: RGB); the detector normalises each with ImageNet's statistics
+            (repeated over the channels; their average for one channel) unless ``image_mean`` /
+            ``image_std`` are given.
         **detector_kwargs: passed to torchvision's FasterRCNN (rpn_*, box_* thresholds ...).
 
     Input/output: torchvision's detection API. ``model(images, targets)`` in training mode (images:
     list of (3, H, W) RGB in [0, 1]; targets: dicts with ``boxes`` (n, 4) xyxy pixels and ``labels``
     (n,) int64, 1 = hand-raising) returns the loss dict; in eval mode ``model(images)`` returns per
-    image ``{'boxes', 'labels', 'scores'}`` in the input image's pixels.
+    image ``{'boxes', 'labels', 'scores'}`` in the input image's pixels. ``get_classifier`` /
+    ``reset_classifier(num_classes)``: the box predictor; as a backbone (:mod:`zoo.models._features`)
+    the ResNet body's maps of images in [0, 1], normalised as the detector does (not resized).
     """
 
     def __init__(self, rpa_mode: Optional[str] = "relative_position", rpa_kernel_size=5,
@@ -144,7 +155,7 @@ class HandRaiseRCNN(FasterRCNN):
                  trainable_backbone_layers: Optional[int] = None, frozen_bn: bool = True,
                  backbone_layers: Sequence[int] = (3, 4, 6, 3), backbone_width_div: int = 1, fpn_channels: int = 256,
                  anchor_sizes: Optional[Sequence[int]] = None, representation_size: Optional[int] = None,
-                 **detector_kwargs):
+                 in_chans: int = 3, **detector_kwargs):
         refine = MultiheadNonlocal2d(
             fpn_channels, hidden_channels=hidden_channels, num_heads=num_heads,
             kernel_size=3 if locality else 1, use_scale=use_scale, rpa_mode=rpa_mode,
@@ -152,7 +163,10 @@ class HandRaiseRCNN(FasterRCNN):
         if trainable_backbone_layers is None:
             trainable_backbone_layers = 3 if pretrained_backbone else 5
         backbone = ResNetFPNBalancedBackbone(refine, trainable_backbone_layers, frozen_bn, backbone_layers,
-                                             backbone_width_div, fpn_channels)
+                                             backbone_width_div, fpn_channels, in_chans)
+        if in_chans != 3:
+            detector_kwargs.setdefault("image_mean", _per_channel(IMAGENET_MEAN, in_chans))
+            detector_kwargs.setdefault("image_std", _per_channel(IMAGENET_STD, in_chans))
         if anchor_sizes is not None:
             if len(anchor_sizes) != 5:
                 raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
@@ -168,6 +182,33 @@ class HandRaiseRCNN(FasterRCNN):
         super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
         self.locality = locality
 
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.box_predictor.cls_score.out_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.roi_heads.box_predictor
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new box predictor (class scores and per-class boxes) for ``num_classes``, background included."""
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes counts the background: an int >= 2, got {num_classes!r}")
+        old = self.roi_heads.box_predictor
+        self.roi_heads.box_predictor = FastRCNNPredictor(old.cls_score.in_features, num_classes)
+
+    # -- backbone (zoo.models._features): the ResNet body's maps --
+    feature_head = ("rpn", "roi_heads", "backbone.fpn", "backbone.bfp")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return [dataclasses.replace(p, module=f"backbone.body.{p.module}") for p in self.backbone.body.feature_points()]
+
+    def forward_intermediates(self, images, indices: Sequence[int]) -> list[torch.Tensor]:
+        """A (B, C, H, W) batch in [0, 1] (or a list of same-size (C, H, W) images) -> the body's maps."""
+        batch = torch.stack(list(images)) if not isinstance(images, torch.Tensor) else images
+        mean, std = (torch.as_tensor(v, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
+                     for v in (self.transform.image_mean, self.transform.image_std))
+        return self.backbone.body.forward_intermediates((batch - mean) / std, indices)
+
     @torch.no_grad()
     def coco_predictions(self, images: Sequence[torch.Tensor], orig_sizes: torch.Tensor) -> list[dict]:
         """Detections for COCO evaluation, in the format of DETR's PostProcess.
@@ -182,6 +223,13 @@ class HandRaiseRCNN(FasterRCNN):
             scale = det["boxes"].new_tensor([width / image.shape[-1], height / image.shape[-2]] * 2)
             out.append({"scores": det["scores"], "labels": det["labels"], "boxes": det["boxes"] * scale})
         return out
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    """Per-RGB statistics for ``channels`` inputs: their mean for one channel, else repeated (timm's rule for weights)."""
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return [values[i % len(values)] for i in range(channels)]
 
 
 @register_model

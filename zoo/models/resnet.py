@@ -25,6 +25,8 @@ from zoo.checkpoint import load_into
 from zoo.config import WeightsEntry
 from zoo.convert import TRANSFORMS
 from zoo.errors import ConversionError
+from zoo.models._features import FeaturePoint
+from zoo.models._head import PooledClassifier
 from zoo.weights import load_state_dict
 
 # f(stage 1..4, block index, width, stride) -> module replacing the block's 3x3 conv, or None.
@@ -202,7 +204,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier, nn.Module):
     """Bottleneck ResNet with torchvision key names; see the module docstring for the options.
 
     Args:
@@ -214,13 +216,19 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: per stage 2..4, dilate instead of striding (DETR-DC5).
         spatial_layer: ``f(stage, block, width, stride)`` returning a module that replaces
             that block's 3x3 conv (still named ``conv2``) and applies ``stride`` itself, or None.
-        stem: module replacing conv1/bn1/relu/maxpool (stored as ``stem``), or None.
-        num_classes: None for a feature extractor; else global average pool + ``fc``.
+        stem: module replacing conv1/bn1/relu/maxpool (stored as ``stem``; it must reduce by 4, as
+            they do), or None.
+        num_classes: None for a feature extractor (``forward`` returns layer4's map); else global
+            pooling + ``fc`` (0: no ``fc``, ``forward`` returns the pooled features).
         zero_init_residual: start every block's last BN at weight 0.
         stochastic_depth: p; block i of n keeps its residual with probability 1 - p * i / (n - 1).
+        in_chans: input channels of ``conv1`` (3: RGB).
+        global_pool: the pooling before ``fc`` (:data:`zoo.models._head.POOL_TYPES`; default 'avg').
 
-    Input (B, 3, [T,] H, W). :meth:`forward_features` returns layer4's output
-    (B, 2048 / width_div, [T,] H / 32, W / 32) (H / 16 with ``last_stride=1``).
+    Input (B, in_chans, [T,] H, W). :meth:`forward_features` returns layer4's output
+    (B, 2048 / width_div, [T,] H / 32, W / 32) (H / 16 with ``last_stride=1``); timm's classifier
+    API (:mod:`zoo.models._head`) and backbone API (:mod:`zoo.models._features`: maps 0 = the stem's
+    activation, 1-4 = layer1-4) on top.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width_div: int = 1, conv_dims: int = 2,
@@ -228,7 +236,7 @@ class ResNet(nn.Module):
                  replace_stride_with_dilation: Sequence[bool] = (False, False, False),
                  spatial_layer: Optional[SpatialLayerFactory] = None, stem: Optional[nn.Module] = None,
                  num_classes: Optional[int] = None, zero_init_residual: bool = False,
-                 stochastic_depth: float = 0.0):
+                 stochastic_depth: float = 0.0, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {tuple(layers)}")
@@ -237,11 +245,11 @@ class ResNet(nn.Module):
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs one flag for each of stages 2, 3, 4")
         convs = _Convs(conv_dims, norm_layer)
-        self.conv_dims = conv_dims
+        self.conv_dims, self.in_chans = conv_dims, in_chans
         width = 64 // width_div
         if stem is None:
-            self.conv1 = (nn.Conv3d(3, width, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False) if conv_dims == 3
-                          else nn.Conv2d(3, width, 7, 2, 3, bias=False))
+            self.conv1 = (nn.Conv3d(in_chans, width, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False) if conv_dims == 3
+                          else nn.Conv2d(in_chans, width, 7, 2, 3, bias=False))
             self.bn1 = convs.norm(width)
             self.relu = nn.ReLU(inplace=True)
             self.maxpool = convs.maxpool()
@@ -253,11 +261,17 @@ class ResNet(nn.Module):
         strides = (1, 2, 2, last_stride)
         dilate = (False,) + tuple(replace_stride_with_dilation)
         inplanes, dilation, block_index = width, 1, 0
+        # the feature maps: the stem's activation (stride 2; a replacing stem's output, stride 4), each stage
+        self._feature_points = [FeaturePoint("stem" if stem is not None else "relu", width, 4 if stem is not None else 2)]
+        reduction = 4
         for stage, (n_blocks, stride, use_dilation) in enumerate(zip(layers, strides, dilate), start=1):
             planes = width * 2 ** (stage - 1)
             previous_dilation = dilation
             if use_dilation:
                 dilation, stride = dilation * stride, 1
+            reduction *= stride
+            self._feature_points.append(FeaturePoint(self.stage_output_name(stage), planes * Bottleneck.expansion,
+                                                     reduction))
             blocks = []
             for b in range(n_blocks):
                 block_stride = stride if b == 0 else 1
@@ -272,12 +286,11 @@ class ResNet(nn.Module):
                 inplanes = planes * Bottleneck.expansion
                 block_index += 1
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
-        self.out_channels = inplanes
+        self.out_channels = self.num_features = inplanes
 
-        if num_classes is not None:
-            self.avgpool = nn.AdaptiveAvgPool3d(1) if conv_dims == 3 else nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(inplanes, num_classes)
         self.num_classes = num_classes
+        if num_classes is not None:
+            self.reset_classifier(num_classes, global_pool)
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -305,11 +318,18 @@ class ResNet(nn.Module):
         """Hook run after stage 1..4; subclasses insert modules here (e.g. RGA)."""
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_output_name(self, stage: int) -> str:
+        """The module whose output is stage ``stage``'s feature map (subclasses adding ``after_stage`` modules rename it)."""
+        return f"layer{stage}"
+
+    def check_input(self, x: torch.Tensor) -> None:
         expected = 5 if self.conv_dims == 3 else 4
-        if x.dim() != expected or x.shape[1] != 3:
-            layout = "(B, 3, T, H, W)" if self.conv_dims == 3 else "(B, 3, H, W)"
+        if x.dim() != expected or x.shape[1] != self.in_chans:
+            layout = f"(B, {self.in_chans}, T, H, W)" if self.conv_dims == 3 else f"(B, {self.in_chans}, H, W)"
             raise ValueError(f"ResNet expects input of shape {layout}, got {tuple(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         x = self.forward_stem(x)
         for stage, layer in enumerate(self.stages, start=1):
             x = self.after_stage(stage, layer(x))
@@ -319,4 +339,25 @@ class ResNet(nn.Module):
         features = self.forward_features(x)
         if self.num_classes is None:
             return features
-        return self.fc(torch.flatten(self.avgpool(features), 1))
+        return self.forward_head(features)
+
+    # -- backbone (zoo.models._features) --
+    feature_head = ("global_pool", "fc")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return list(self._feature_points)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Input as :meth:`forward_features` -> the maps at ``indices`` (0: stem, 1-4: stages)."""
+        self.check_input(x)
+        if hasattr(self, "stem"):
+            x = self.stem(x)
+            maps = [x]
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+            maps = [x]
+            x = self.maxpool(x)
+        for stage, layer in enumerate(self.stages[:max(indices)], start=1):
+            x = self.after_stage(stage, layer(x))
+            maps.append(x)
+        return [maps[i] for i in indices]

@@ -10,19 +10,24 @@ checkpoints convert without renames):
 
 Forward: ``feat_ = avgpool(backbone(x))``, ``feat = feat_bn(feat_)``, ``logits = cls(feat)``.
 Training mode returns ``(feat_, feat, logits)``; eval mode returns the test feature chosen by
-``test_feature`` (``'feat_'``, before the BN-neck, by default; ``'feat'`` after it).
+``test_feature`` (``'feat_'``, before the BN-neck, by default; ``'feat'`` after it). timm's
+classifier API: ``forward_features`` is the backbone's map, ``forward_head`` pools, applies the
+BN-neck (``pre_logits``: returns ``feat``) and ``cls``.
 
 The RGA modules are sized for one input size (``height`` x ``width``, default 256 x 128); the
 network only runs at that size, as the original.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from zoo.errors import ConversionError
 from zoo.layers.rga import RGA_Module
+from zoo.models._features import FeaturePoint
+from zoo.models._head import GlobalPool, classifier_layer
 from zoo.models.resnet import ResNet, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -44,19 +49,20 @@ class RGABackbone(ResNet):
             or ``"reference"`` (the direct original form).
         layers: Bottleneck blocks per stage ((3, 4, 6, 3) = ResNet-50; fewer only for small models
             such as ``rga_sc_mini``).
+        in_chans: input channels (3: RGB).
 
-    Input ``[B, 3, height, width]`` -> ``[B, 2048 / width_div, height / 16, width / 16]``.
+    Input ``[B, in_chans, height, width]`` -> ``[B, 2048 / width_div, height / 16, width / 16]``.
     """
 
     def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
-                 backend: str = "auto", layers: Sequence[int] = (3, 4, 6, 3)) -> None:
+                 backend: str = "auto", layers: Sequence[int] = (3, 4, 6, 3), in_chans: int = 3) -> None:
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             # The original sizes the modules with (h // s) * (w // s) per stage; only multiples
             # of 16 make that equal to the real feature-map sizes.
             raise ValueError(f"RGA ResNet-50 needs height and width that are positive multiples of 16, "
                              f"got {height}x{width}")
-        super().__init__(layers=tuple(layers), width_div=width_div, last_stride=1, num_classes=None)
+        super().__init__(layers=tuple(layers), width_div=width_div, last_stride=1, num_classes=None, in_chans=in_chans)
         self.height, self.width, self.width_div, self.layers = height, width, width_div, tuple(layers)
         # Registered after the ResNet's layers, so the keys follow backbone.layer4.* (spec §2.4),
         # and not touched by the ResNet's init: the modules keep PyTorch's default init (spec §3).
@@ -70,18 +76,21 @@ class RGABackbone(ResNet):
     def after_stage(self, stage: int, x: Tensor) -> Tensor:
         return getattr(self, f"rga_att{stage}")(x)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def stage_output_name(self, stage: int) -> str:
+        return f"rga_att{stage}"
+
+    def check_input(self, x: Tensor) -> None:
         if x.dim() == 4 and tuple(x.shape[-2:]) != (self.height, self.width):
             raise ValueError(f"this RGA model was built for {self.height}x{self.width} inputs, got "
                              f"{x.shape[-2]}x{x.shape[-1]}; build it with height=..., width=... for another size")
-        return super().forward_features(x)
+        super().check_input(x)
 
 
 class RGAResNet50(nn.Module):
     """RGA ResNet-50 with the BN-neck head of the original (spec §2.2).
 
     Args:
-        num_classes: training identities (767 CUHK03 new protocol, 751 Market-1501).
+        num_classes: training identities (767 CUHK03 new protocol, 751 Market-1501); 0: no ``cls``.
         height, width: input size the attention modules are built for (default 256 x 128).
         use_spatial, use_channel: RGA-S, RGA-C, or both (RGA-SC).
         test_feature: what eval mode returns: ``'feat_'`` (pooled, before the BN-neck; default,
@@ -94,8 +103,10 @@ class RGAResNet50(nn.Module):
             the head keep their initialisation.
         legacy_init: initialise the RGA modules' BatchNorm weights from U(0, 1) as torch 0.4.0 did
             when the original was trained (default: today's constant 1). Irrelevant for inference.
+        in_chans: input channels (3: RGB).
+        global_pool: the pooling of the backbone's map (``'avg'``, the original's; ``'max'``, ``'avgmax'``).
 
-    Input ``[B, 3, height, width]`` (ImageNet-normalised RGB). Eval: ``[B, 2048]``; training:
+    Input ``[B, in_chans, height, width]`` (ImageNet-normalised RGB). Eval: ``[B, 2048]``; training:
     ``(feat_ [B, 2048], feat [B, 2048], logits [B, num_classes])``.
     """
 
@@ -103,25 +114,29 @@ class RGAResNet50(nn.Module):
                  use_channel: bool = True, test_feature: str = "feat_", dropout: float = 0.0,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, width_div: int = 1,
                  backend: str = "auto", pretrained_backbone: Union[bool, str] = False,
-                 legacy_init: bool = False, layers: Sequence[int] = (3, 4, 6, 3)) -> None:
+                 legacy_init: bool = False, layers: Sequence[int] = (3, 4, 6, 3), in_chans: int = 3,
+                 global_pool: str = "avg") -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int (767 CUHK03, 751 Market-1501), got {num_classes!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int (767 CUHK03, 751 Market-1501; 0: no "
+                             f"classifier), got {num_classes!r}")
         if test_feature not in ("feat_", "feat"):
             raise ValueError(f"test_feature must be 'feat_' (before the BN-neck) or 'feat' (after it), got {test_feature!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.test_feature = test_feature
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                    width_div, backend, layers)
+                                    width_div, backend, layers, in_chans)
         num_feat = self.backbone.out_channels
+        if not global_pool:
+            raise ValueError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
+        self.global_pool = GlobalPool(global_pool)
         self.feat_bn = nn.BatchNorm1d(num_feat)
         nn.init.ones_(self.feat_bn.weight)
         nn.init.zeros_(self.feat_bn.bias)
         self.feat_bn.bias.requires_grad_(False)  # BN-neck: the shift stays 0 (excluded from training)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.cls = nn.Linear(num_feat, num_classes, bias=False)
-        nn.init.normal_(self.cls.weight, std=0.001)
+        self.reset_classifier(num_classes)
         if legacy_init:
             # torch <= 1.1 drew BatchNorm weights from U(0, 1); the original's RGA modules were
             # trained from that (spec §3). Only matters for reproducing its training.
@@ -143,17 +158,49 @@ class RGAResNet50(nn.Module):
         """
         load_imagenet_resnet50(self.backbone, source=source, sha256=sha256, allow_missing=("rga_att",))
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> the backbone's map ``[B, 2048, H / 16, W / 16]``."""
+        return self.backbone(x)
+
+    def forward_embeddings(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, 3, H, W]`` -> ``(feat_, feat)``, both ``[B, 2048]`` (before / after the BN-neck)."""
-        feat_ = self.backbone(x).mean(dim=(2, 3))  # global average pool over the whole map
+        feat_ = self.global_pool(self.forward_features(x))  # global average pool over the whole map
         return feat_, self.feat_bn(feat_)
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The backbone's map -> ``feat`` (after the BN-neck, ``pre_logits``) or the identity logits."""
+        feat = self.feat_bn(self.global_pool(x))
+        return feat if pre_logits else self.cls(self.dropout(feat))
+
     def forward(self, x: Tensor):
-        feat_, feat = self.forward_features(x)
+        feat_, feat = self.forward_embeddings(x)
         if not self.training:
             return feat_ if self.test_feature == "feat_" else feat
         feat = self.dropout(feat)
         return feat_, feat, self.cls(feat)
+
+    def get_classifier(self) -> nn.Module:
+        return self.cls
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new identity classifier ``cls`` (bias-free, N(0, 0.001) as the original; 0: none)."""
+        if global_pool is not None:
+            if not global_pool:
+                raise ValueError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
+            self.global_pool = GlobalPool(global_pool)
+        self.cls = classifier_layer(self.num_features, num_classes, bias=False)
+        if num_classes:
+            nn.init.normal_(self.cls.weight, std=0.001)
+        self.num_classes = num_classes
+
+    # -- backbone (zoo.models._features): the maps of the stem and of each stage after its RGA module --
+    feature_head = ("global_pool", "feat_bn", "dropout", "cls")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return [dataclasses.replace(p, module=f"backbone.{p.module}") for p in self.backbone.feature_points()]
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        return self.backbone.forward_intermediates(x, indices)
 
 
 def _build(use_spatial: bool, use_channel: bool, kwargs: dict) -> RGAResNet50:

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from zoo.layers.rpa import MultiheadNonlocal2d
+from zoo.models._head import PooledClassifier
 from zoo.registry import register_model
 
 
-class RpaCifarToy(nn.Module):
+class RpaCifarToy(PooledClassifier, nn.Module):
     """conv-BN-ReLU x2, avgpool 2, [non-local + BN], conv-BN-ReLU, avgpool 2, [non-local + BN], GAP, fc.
 
     Args:
@@ -23,33 +24,41 @@ class RpaCifarToy(nn.Module):
         rpa_interpolation: the original passes ``'lerp'``, which its op silently treated as nearest, so
             trained weights expect ``'nearest'`` (the default here, same numbers as the fixture).
         bug_compatible: passed to both blocks (only matters with ``'lerp'``: True makes it nearest).
+        in_chans: input channels (3: RGB).
+        global_pool: the pooling before ``fc`` (``'avg'``, the original's; ``'max'``, ``'avgmax'``, or
+            ``''`` with num_classes 0).
 
-    Input (B, 3, 32, 32) -> logits (B, num_classes). Other sizes work if both hidden maps stay >= 1.
+    Input (B, in_chans, 32, 32) -> logits (B, num_classes) (0: pooled features (B, 64)). Other sizes
+    work if both hidden maps stay >= 1.
     """
 
     def __init__(self, num_classes: int = 10, rpa_kernel_size: int = 7, rpa_interpolation: str = "nearest",
-                 bug_compatible: bool = False):
+                 bug_compatible: bool = False, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
+        self.in_chans = in_chans
         block = dict(rpa_mode="relative_position", rpa_kernel_size=rpa_kernel_size,
                      rpa_interpolation=rpa_interpolation, bug_compatible=bug_compatible)
         # Indices 0..5 / 0..2 are the original's (its state_dict keys are layer1.{0,1,3,4}.*, layer2.{0,1}.*).
-        self.layer1 = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        self.layer1 = nn.Sequential(nn.Conv2d(in_chans, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
                                     nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
         self.pool1 = nn.AvgPool2d(2)
         self.nl1 = nn.Sequential(MultiheadNonlocal2d(32, **block), nn.BatchNorm2d(32))
         self.layer2 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.pool2 = nn.AvgPool2d(2)
         self.nl2 = nn.Sequential(MultiheadNonlocal2d(64, **block), nn.BatchNorm2d(64))
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.num_features = 64
+        self.reset_classifier(num_classes, global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, H, W) -> the second block's map (B, 64, h, w)."""
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"RpaCifarToy expects (B, {self.in_chans}, H, W) images, got shape {tuple(x.shape)}")
+        x = self.nl1(self.pool1(self.layer1(x)))
+        return self.nl2(self.pool2(self.layer2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> (B, num_classes)."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"RpaCifarToy expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
-        x = self.nl1(self.pool1(self.layer1(x)))
-        x = self.nl2(self.pool2(self.layer2(x)))
-        return self.fc(torch.flatten(self.global_pool(x), 1))
+        """x: (B, in_chans, H, W) -> (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

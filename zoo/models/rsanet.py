@@ -14,6 +14,7 @@ the conversion hooks of ``convert/rsa.yaml`` (:func:`convert_rsa_names`,
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Optional, Sequence, Union
@@ -21,6 +22,8 @@ from typing import Optional, Sequence, Union
 from torch import Tensor, nn
 
 from zoo.layers.rsa import RSA
+from zoo.models._features import FeaturePoint
+from zoo.models._head import GlobalPool
 from zoo.models.resnet import ResNet, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -51,9 +54,13 @@ class RSANet(nn.Module):
         pretrained_backbone: True loads torchvision's ImageNet ResNet-50 into the stem and the
             non-RSA blocks (2D kernels get a temporal axis of size 1) as the original's training
             did; a string is another source of such a state dict. RSA blocks stay random.
+        in_chans: channels of each frame (3: RGB).
+        global_pool: the pooling of each frame's map before ``new_fc`` (``'avg'``, the original's;
+            ``'max'``, ``'avgmax'``).
 
     Input: (B, 3 * T, H, W), frames stacked along channels (channel 3 t + c, the original's
-    layout), or (B, 3, T, H, W). Output: logits (B, num_classes), no softmax.
+    layout), or (B, 3, T, H, W) (3 = ``in_chans``). Output: logits (B, num_classes), no softmax;
+    with ``num_classes`` 0 the pooled features averaged over the frames (B, C).
     """
 
     def __init__(self, num_classes: int = 174, num_segments: int = 16, dropout: float = 0.3,
@@ -61,10 +68,8 @@ class RSANet(nn.Module):
                  rsa_positions: Sequence[Sequence[int]] = RSA_POSITIONS, nh: int = 8,
                  kernel_size: Sequence[int] = (5, 7, 7), kernel_type: str = "VplusR", feat_type: str = "VplusR",
                  stochastic_depth: float = 0.2, backend: str = "auto",
-                 pretrained_backbone: Union[bool, str] = False) -> None:
+                 pretrained_backbone: Union[bool, str] = False, in_chans: int = 3, global_pool: str = "avg") -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(num_segments, int) or num_segments < 1:
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
         if len(rsa_positions) != 4:
@@ -86,11 +91,11 @@ class RSANet(nn.Module):
         # The original zero-initialises every bn3 and inits all convs (RSA's too) kaiming fan_out:
         # exactly the shared ResNet's init with zero_init_residual.
         self.base_model = ResNet(layers=tuple(layers), width_div=width_div, conv_dims=3, spatial_layer=spatial_layer,
-                                 zero_init_residual=True, stochastic_depth=stochastic_depth)
+                                 zero_init_residual=True, stochastic_depth=stochastic_depth, in_chans=in_chans)
+        self.in_chans = in_chans
+        self.num_features = self.base_model.out_channels
         self.dropout = nn.Dropout(p=dropout)
-        self.new_fc = nn.Conv1d(self.base_model.out_channels, num_classes, kernel_size=1)
-        nn.init.xavier_uniform_(self.new_fc.weight)
-        nn.init.zeros_(self.new_fc.bias)
+        self.reset_classifier(num_classes, global_pool)
         if pretrained_backbone:
             self.load_imagenet_backbone(None if pretrained_backbone is True else str(pretrained_backbone))
 
@@ -108,30 +113,66 @@ class RSANet(nn.Module):
         load_imagenet_resnet50(self.base_model, source=source, sha256=sha256, skip=skip)
 
     def to_clip(self, x: Tensor) -> Tensor:
-        """(B, 3T, H, W) or (B, 3, T, H, W) -> (B, 3, T, H, W), checking T == num_segments."""
+        """(B, 3T, H, W) or (B, 3, T, H, W) -> (B, 3, T, H, W), checking T == num_segments (3 = in_chans)."""
+        c0, t = self.in_chans, self.num_segments
         if x.dim() == 4:
             b, c, h, w = x.shape
-            if c != 3 * self.num_segments:
-                raise ValueError(f"RSANet expects (B, 3 * num_segments = {3 * self.num_segments}, H, W) frames "
+            if c != c0 * t:
+                raise ValueError(f"RSANet expects (B, {c0} * num_segments = {c0 * t}, H, W) frames "
                                  f"stacked along channels, got {tuple(x.shape)}")
             # channel 3 t + c -> (B, T, 3, H, W) -> (B, 3, T, H, W)
-            return x.view(b, self.num_segments, 3, h, w).transpose(1, 2)
+            return x.view(b, t, c0, h, w).transpose(1, 2)
         if x.dim() == 5:
-            if x.shape[1] != 3 or x.shape[2] != self.num_segments:
-                raise ValueError(f"RSANet expects (B, 3, T = num_segments = {self.num_segments}, H, W), "
-                                 f"got {tuple(x.shape)}")
+            if x.shape[1] != c0 or x.shape[2] != t:
+                raise ValueError(f"RSANet expects (B, {c0}, T = num_segments = {t}, H, W), got {tuple(x.shape)}")
             return x
-        raise ValueError(f"RSANet expects (B, 3T, H, W) or (B, 3, T, H, W) input, got {tuple(x.shape)}")
+        raise ValueError(f"RSANet expects (B, {c0}T, H, W) or (B, {c0}, T, H, W) input, got {tuple(x.shape)}")
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Input as :meth:`forward` -> per-frame features (B, 2048 / width_div, T)."""
-        feats = self.base_model.forward_features(self.to_clip(x))  # (B, C, T, h, w)
-        return feats.mean(dim=(3, 4))  # the original's AdaptiveAvgPool3d((T, 1, 1))
+        """Input as :meth:`forward` -> layer4's map (B, 2048 / width_div, T, h, w)."""
+        return self.base_model.forward_features(self.to_clip(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """layer4's map -> logits (B, num_classes), the mean of per-frame logits; ``pre_logits``: the
+        per-frame pooled features averaged over the frames (B, C) (what ``new_fc`` sees, up to the mean)."""
+        per_frame = self.global_pool(x)  # (B, C, T): the original's AdaptiveAvgPool3d((T, 1, 1))
+        if pre_logits:
+            return per_frame.mean(dim=2)
+        return self.new_fc(self.dropout(per_frame)).mean(dim=2)  # (B, num_classes, T) -> (B, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3T, H, W) or (B, 3, T, H, W) -> logits (B, num_classes): mean of per-frame logits."""
-        per_frame = self.new_fc(self.dropout(self.forward_features(x)))  # (B, num_classes, T)
-        return per_frame.mean(dim=2)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.new_fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new per-frame classifier ``new_fc`` (Conv1d, kernel 1; xavier init, zero bias, as the original;
+        0: none), and optionally another pooling of each frame."""
+        if global_pool is not None:
+            if not global_pool:
+                raise ValueError("global_pool='' is not possible for RSANet: its per-frame classifier takes pooled frames")
+            self.global_pool = GlobalPool(global_pool, start_dim=3)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}")
+        if num_classes:
+            self.new_fc = nn.Conv1d(self.num_features, num_classes, kernel_size=1)
+            nn.init.xavier_uniform_(self.new_fc.weight)
+            nn.init.zeros_(self.new_fc.bias)
+        else:
+            self.new_fc = nn.Identity()
+        self.num_classes = num_classes
+
+    # -- backbone (zoo.models._features): 5D maps (B, C, T, h, w) of the stem and every stage --
+    feature_head = ("global_pool", "dropout", "new_fc")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return [dataclasses.replace(p, module=f"base_model.{p.module}") for p in self.base_model.feature_points()]
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """Input as :meth:`forward` -> the maps at ``indices``, each (B, C, T, h, w)."""
+        return self.base_model.forward_intermediates(self.to_clip(x), indices)
 
 
 @register_model

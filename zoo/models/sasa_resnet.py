@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.layers.sasa import AttentionConv, AttentionStem, SASAttention2d, SASAttentionStem
+from zoo.models._features import FeaturePoint
+from zoo.models._head import PooledClassifier
 from zoo.models.resnet import ResNet
 from zoo.registry import register_model
 
@@ -34,11 +36,12 @@ _STEMS = ("attention", "conv")
 # ImageNet layout (paper)
 # ------------------------------------------------------------------------------------------------
 
-def attention_stem(out_channels: int = 64, heads: int = 4, mixtures: int = 4, block: int = 4) -> nn.Sequential:
+def attention_stem(out_channels: int = 64, heads: int = 4, mixtures: int = 4, block: int = 4,
+                   in_chans: int = 3) -> nn.Sequential:
     """The paper's stem (spec §2): spatially-aware attention in ``block`` x ``block`` tiles, BN, ReLU,
-    ``block`` x ``block`` max pool. (B, 3, H, W) -> (B, out_channels, ceil(H/block), ceil(W/block))."""
+    ``block`` x ``block`` max pool. (B, in_chans, H, W) -> (B, out_channels, ceil(H/block), ceil(W/block))."""
     return nn.Sequential(
-        SASAttentionStem(3, out_channels, block=block, heads=heads, mixtures=mixtures),
+        SASAttentionStem(in_chans, out_channels, block=block, heads=heads, mixtures=mixtures),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(block, block, ceil_mode=True),
@@ -56,7 +59,8 @@ def sasa_resnet(depth: int, stem: str = "attention", num_classes: Optional[int] 
         num_classes: classifier size; None for a feature extractor (B, 2048, H/32, W/32).
         kernel_size, heads, padding_mode: of every :class:`SASAttention2d`.
         stem_heads, stem_mixtures: of the attention stem (spec §2; mixtures are not stated in the paper).
-        resnet_kwargs: passed to :class:`zoo.models.resnet.ResNet` (e.g. ``zero_init_residual``).
+        resnet_kwargs: passed to :class:`zoo.models.resnet.ResNet` (e.g. ``zero_init_residual``,
+            ``in_chans``, ``global_pool``).
     """
     if depth not in _LAYERS:
         raise ValueError(f"depth must be one of {sorted(_LAYERS)}, got {depth}")
@@ -68,7 +72,8 @@ def sasa_resnet(depth: int, stem: str = "attention", num_classes: Optional[int] 
 
     # the stem feeds layer1, whose input width is the ResNet's stem width 64 / width_div
     stem_width = 64 // int(resnet_kwargs.get("width_div", 1))
-    stem_module = attention_stem(stem_width, stem_heads, stem_mixtures) if stem == "attention" else None
+    stem_module = (attention_stem(stem_width, stem_heads, stem_mixtures, in_chans=int(resnet_kwargs.get("in_chans", 3)))
+                   if stem == "attention" else None)
     return ResNet(_LAYERS[depth], spatial_layer=spatial, stem=stem_module, num_classes=num_classes, **resnet_kwargs)
 
 
@@ -168,7 +173,7 @@ class LeaderBottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class SASACifarResNet(nn.Module):
+class SASACifarResNet(PooledClassifier, nn.Module):
     """leaderj1001 ``Model`` (spec §8.2): CIFAR stem, four stages of :class:`LeaderBottleneck`, ``dense`` head.
 
     Args:
@@ -179,22 +184,28 @@ class SASACifarResNet(nn.Module):
         bug_compatible: the original's defects (per-channel softmax, pool after conv3 + BN, fixed
             4x4 average pool before ``dense``, which only fits 32x32 inputs). Needed for its checkpoints;
             the ``sasa-leader`` converter records it. Default: corrected behaviour, global average pool.
+        in_chans: input channels (3: RGB).
+        global_pool: the pooling before ``dense`` (``'avg'``; ``'max'``, ``'avgmax'``, or ``''`` with
+            num_classes 0); with ``bug_compatible`` only ``'avg'`` (the original's fixed 4x4 pool).
 
-    Shapes: (B, 3, H, W) -> (B, num_classes). The stages have strides 1, 2, 2, 2.
+    Shapes: (B, in_chans, H, W) -> (B, num_classes) (0: the pooled features (B, 4 * 512)). The stages
+    have strides 1, 2, 2, 2.
     """
 
     def __init__(self, layers: Sequence[int] = (1, 2, 4, 1), num_classes: int = 10, stem: str = "conv",
-                 bug_compatible: bool = False):
+                 bug_compatible: bool = False, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if stem not in _STEMS:
             raise ValueError(f"stem must be one of {_STEMS}, got {stem!r}")
-        self.bug_compatible = bug_compatible
+        self.bug_compatible, self.in_chans = bug_compatible, in_chans
         if stem == "attention":
-            first = AttentionStem(3, 64, kernel_size=4, stride=1, padding=2, groups=1, m=4, bug_compatible=bug_compatible)
+            first = AttentionStem(in_chans, 64, kernel_size=4, stride=1, padding=2, groups=1, m=4,
+                                  bug_compatible=bug_compatible)
         else:
-            first = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            first = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
         self.init = _bn_act(first, 64)
         in_channels = 64
+        self._feature_points = [FeaturePoint("init", 64, 1)]
         for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2)), start=1):
             width = 64 * 2 ** (stage - 1)
             stage_blocks = []
@@ -203,21 +214,49 @@ class SASACifarResNet(nn.Module):
                                                      bug_compatible=bug_compatible))
                 in_channels = width * LeaderBottleneck.expansion
             self.add_module(f"layer{stage}", nn.Sequential(*stage_blocks))
-        self.dense = nn.Linear(in_channels, num_classes)
+            self._feature_points.append(FeaturePoint(f"layer{stage}", in_channels, 2 ** (stage - 1)))
+        self.num_features = in_channels
+        self.reset_classifier(num_classes, global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> layer4's map (B, 2048, H / 8, W / 8)."""
+        return self.forward_intermediates(x, (4,))[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """layer4's map -> pooled features (``pre_logits``) or logits (B, num_classes)."""
+        if self.bug_compatible:
+            if x.shape[-2:] != (4, 4):
+                raise ValueError(f"bug_compatible=True keeps the original's fixed 4x4 average pool, which needs "
+                                 f"32x32 inputs (a 4x4 final map); got a final map of {tuple(x.shape[-2:])}")
+            x = torch.flatten(F.avg_pool2d(x, 4), 1)
+        else:
+            x = self.global_pool(x)
+        return x if pre_logits else self.dense(x)
+
+    classifier_name = "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} expects input (B, 3, H, W), got {tuple(x.shape)}")
-        out = self.init(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if self.bug_compatible:
-            if out.shape[-2:] != (4, 4):
-                raise ValueError(f"bug_compatible=True keeps the original's fixed 4x4 average pool, which needs "
-                                 f"32x32 inputs (a 4x4 final map); got a final map of {tuple(out.shape[-2:])}")
-            out = F.avg_pool2d(out, 4)
-        else:
-            out = F.adaptive_avg_pool2d(out, 1)
-        return self.dense(torch.flatten(out, 1))
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if self.bug_compatible and global_pool not in (None, "avg"):
+            raise ValueError(f"bug_compatible=True keeps the original's 4x4 average pool; global_pool={global_pool!r} "
+                             f"needs bug_compatible=False")
+        super().reset_classifier(num_classes, global_pool)
+
+    # -- backbone (zoo.models._features): the stem's map and each stage's --
+    feature_head = ("global_pool", "dense")
+
+    def feature_points(self) -> list[FeaturePoint]:
+        return list(self._feature_points)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__} expects input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        maps = [self.init(x)]
+        for stage in range(1, max(indices) + 1):
+            maps.append(getattr(self, f"layer{stage}")(maps[-1]))
+        return [maps[i] for i in indices]
 
 
 @register_model

@@ -1,6 +1,6 @@
 """``zoo.train.train``: train a registered model on a dataset in its original on-disk format, seeded
 and deterministic on CPU, and write a converted-format folder (``python -m zoo train`` calls it).
-Training starts from the constructor's initialisation, or from given weights (``init``: fine-tuning).
+Training starts from the constructor's initialisation, or from given weights (``weights``: fine-tuning).
 
 The task - the training data and the loss - is the one registered for the model config's
 ``eval.protocol`` (:mod:`zoo.train.tasks`). Everything random is drawn from generators seeded by
@@ -12,7 +12,8 @@ CPU; the generators' states, the flag and the environment are restored afterward
 
 The result is the folder ``zoo.hub.write_model_folder`` writes (``model.safetensors``,
 ``config.json`` with the constructor kwargs and the training record, ``README.md``), so
-``zoo.create_model(NAME, weights=OUT)`` loads it.
+``zoo.create_model(NAME, weights=OUT)`` loads it; with ``plots`` (the default, needs matplotlib) also
+``loss.png``, and ``metrics.png`` when a ``validate`` callback scored the model after every epoch.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -32,15 +34,15 @@ from zoo import weights as weights_lib
 from zoo._fs import sha256_file
 from zoo.data.synthetic import MARKER
 from zoo.factory import create_model
-from zoo.hub import model_card, write_model_folder
+from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
+from zoo.paths import progress_bar
 from zoo.registry import model_info, split_name
 from zoo.train.tasks import DetrTask, ReidTask, TrainTask, build_task
+from zoo.viz.curves import plot_loss, plot_metrics
+from zoo.viz.figure import figure_png, matplotlib_available
 
 __all__ = ["train"]
 
-# Constructor kwargs that fetch something on construction: a trained folder must not record them,
-# or loading it would download ImageNet weights only to overwrite them.
-_DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 
 # =============================================================================================
@@ -49,7 +51,7 @@ _DOWNLOADING_KWARGS = ("pretrained_backbone",)
 
 def _json_kwargs(kwargs: dict) -> dict:
     """Constructor kwargs as recorded in config.json (JSON types only; no download-on-build flags)."""
-    out = {k: (False if k in _DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
+    out = {k: (False if k in DOWNLOADING_KWARGS else v) for k, v in kwargs.items()}
     for key, value in out.items():
         try:
             json.dumps(value)
@@ -117,12 +119,11 @@ class _Deterministic:
         return False
 
 
-def _init_record(cfg, init: str) -> dict:
-    """What config.json records about the weights a run started from: the source and its sha256."""
-    entry = cfg.weights.get(init)
-    source, sha = (entry.source, entry.sha256) if entry is not None else (init, None)
-    path = weights_lib.fetch(source, sha)
-    return {"source": str(init), "sha256": sha256_file(path / "model.safetensors" if path.is_dir() else path)}
+def _weights_sha256(cfg, weights: str) -> str:
+    """sha256 of the weights a run started from (a folder's model.safetensors), for config.json."""
+    entry = cfg.weights.get(weights)
+    path = weights_lib.fetch(*((entry.source, entry.sha256) if entry is not None else (weights, None)))
+    return sha256_file(path / "model.safetensors" if path.is_dir() else path)
 
 
 def _lr_factor(step: int, total: int, schedule: str) -> float:
@@ -135,9 +136,12 @@ def _lr_factor(step: int, total: int, schedule: str) -> float:
 def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, epochs: int, batch_size: int,
           lr: float, seed: int = 0, limit: Optional[int] = None, device: Union[str, torch.device] = "cpu",
           weight_decay: float = 1e-4, lr_schedule: str = "cosine", max_grad_norm: Optional[float] = None,
-          num_instances: int = 4, preprocessing: Optional[Mapping] = None, same_size_batches: float = 0.0,
-          init: Optional[str] = None, log: Optional[Callable[[str], None]] = print, **model_overrides) -> Path:
-    """Train the registered model ``name`` on ``data_dir`` and write it to ``out_dir``.
+          num_instances: int = 4, preprocessing: Optional[Mapping] = None,
+          log: Optional[Callable[[str], None]] = print, plots: bool = True,
+          validate: Optional[Callable[[torch.nn.Module], Mapping[str, float]]] = None,
+          weights: Optional[str] = None, same_size_batches: float = 0.0, **model_overrides) -> Path:
+    """Train the registered model ``name`` on ``data_dir`` (from scratch, or fine-tune ``weights``) and
+    write it to ``out_dir``.
 
     Args:
         name: a registered model (no ``.tag``: training starts from the constructor's initialisation).
@@ -155,16 +159,25 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
             (e.g. ``{"input_size": [64, 32]}``).
         same_size_batches: detection: the share of each epoch's batches made of images of (nearly) one
             size, so (nearly) unpadded (:mod:`zoo.train.tasks`); 0 = every batch random.
-        init: weights to start from (a weights source as for ``create_model``: a tag of the model's
-            config, a RelZoo folder, a file); None = the constructor's initialisation, seeded.
         log: called with one line per epoch (None: silent).
+        plots: draw ``loss.png`` (and ``metrics.png``) into the folder; needs matplotlib (the ``viz``
+            extra): without it a warning says so and nothing is drawn.
+        validate: called with the model (in eval mode) after every epoch; returns ``{metric: value}``
+            (``python -m zoo train --validate`` passes the model's evaluation protocol on the val split).
+            The values per epoch go into config.json and ``metrics.png``. Its random draws do not
+            change the training run's.
+        weights: start from these weights (a tag of the model's config, a path, URL or ``hf://``)
+            instead of the constructor's initialisation; with ``num_classes`` in ``model_overrides``
+            the classifier starts new (:func:`zoo.create_model`'s rule): fine-tuning to other classes.
+            config.json records the source and its sha256.
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}')")
+        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+                         f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -173,13 +186,16 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = model_info(base)
-    started = (weights_lib.read_folder_config(cfg.weights[init].source if init in cfg.weights else init)
-               if init is not None else None) or {}
-    kwargs = _json_kwargs({**cfg.kwargs, **(started.get("kwargs") or {}), **model_overrides})
+    kwargs = _json_kwargs({**cfg.kwargs, **model_overrides})
     say = log or (lambda line: None)
+    if plots and not matplotlib_available():
+        warnings.warn("matplotlib is not installed, so zoo train draws no loss.png: pip install 'relzoo[viz]' "
+                      "(or pass --no-plots)", stacklevel=2)
+        plots = False
 
     with _Deterministic(seed, device):
-        model = create_model(base, weights=init, **model_overrides).to(device)
+        model = create_model(base, weights=weights, **model_overrides).to(device)
+        kwargs = _json_kwargs(model.pretrained_cfg.model_kwargs)  # with what a weights folder recorded
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
                           preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs,
@@ -190,11 +206,12 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         steps_per_epoch = len(task.epoch_indices(0))
         total_steps = steps_per_epoch * epochs
-        history, step = [], 0
+        history, step_losses, validation, step = [], [], {}, 0
         say(f"training {base} on {data_dir} ({task.protocol}, {len(task)} samples, {steps_per_epoch} steps/epoch)")
         for epoch in range(epochs):
             start, losses = time.perf_counter(), []
-            for batch in task.batches(epoch):
+            for batch in progress_bar(task.batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                                      unit="step"):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total_steps, lr_schedule)
                 loss = task.loss(model, batch, device)
@@ -209,7 +226,12 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
                 losses.append(loss.item())
                 step += 1
             history.append(float(np.mean(losses)))
-            say(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}  ({len(losses)} steps, "
+            step_losses += losses
+            scores = _validate(validate, model, device) if validate is not None else {}
+            for metric, value in scores.items():
+                validation.setdefault(metric, []).append(value)
+            shown = "".join(f"  {metric} {value:.2f}" for metric, value in scores.items())
+            say(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}{shown}  ({len(losses)} steps, "
                 f"{time.perf_counter() - start:.1f} s)")
         model.eval()
 
@@ -222,11 +244,35 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         record["num_instances"] = num_instances
     if same_size_batches:
         record["same_size_batches"] = same_size_batches
-    if init is not None:
-        record["init"] = _init_record(cfg, init)
+    if validation:
+        record["val_metrics_per_epoch"] = {metric: [round(v, 4) for v in values] for metric, values in validation.items()}
+    drawn = {}
+    if plots:
+        drawn["loss.png"] = figure_png(plot_loss(history, step_losses, title=f"{base}: training loss"))
+        if validation:
+            drawn["metrics.png"] = figure_png(plot_metrics(validation, title=f"{base}: validation after each epoch"))
+    if weights is not None:
+        record["initial_weights"] = str(weights)
+        record["initial_weights_sha256"] = _weights_sha256(cfg, str(weights))
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
-    start_from = "from scratch" if init is None else f"from `{init}`"
-    origin = (f"Trained {start_from} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
+    start = f"from the `{weights}` weights" if weights is not None else "from scratch"
+    origin = (f"Trained {start} by `python -m zoo train {base}` on `{record['dataset']['name']}` "
               f"({task.protocol} format, {len(task)} samples) for {epochs} epochs, seed {seed}; "
               f"final training loss {history[-1]:.4f}. Training hyper-parameters are in config.json.")
-    return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)))
+    return write_model_folder(out_dir, model.state_dict(), config, model_card(base, config, origin, ("trained",)),
+                              extra_files=drawn)
+
+
+def _validate(validate: Callable, model: torch.nn.Module, device) -> dict[str, float]:
+    """``validate(model)`` in eval mode, then back to training mode; the random generators are restored
+    afterwards (a DataLoader draws its seed from torch's), so validating leaves the run's randomness alone."""
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            scores = validate(model)
+        finally:
+            model.train()
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"validate must return a mapping of metric -> value, got {type(scores).__name__}")
+    return {str(metric): float(value) for metric, value in scores.items()}

@@ -41,11 +41,11 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from zoo.config import ModelConfig, Preprocessing
 from zoo.data.coco import CocoDetection
+from zoo.data.config import create_transform, resolve_data_config
 from zoo.data.imagefolder import ImageFolder, load_rgb
 from zoo.data.reid import read_market1501_train
 from zoo.data.ssv import read_split
-from zoo.data.transforms import (DEFAULT_NUM_FRAMES, ClassificationTrainTransform, DetectorTrainTransform,
-                                 DetrTrainTransform, ReidTrainTransform, VideoTrainTransform, detr_resize_size, randint)
+from zoo.data.transforms import DEFAULT_NUM_FRAMES, DetectorTrainTransform, detr_resize_size, randint
 from zoo.errors import DatasetError
 from zoo.losses import CrossEntropyLabelSmooth, SetCriterion, TripletLoss, box_xyxy_to_cxcywh
 
@@ -116,6 +116,7 @@ class TrainTask:
     """
 
     protocol = ""
+    task = ""  # the model config's task whose augmentation this task uses (zoo.data.create_transform)
 
     def __init__(self, data_dir: Path, *, batch_size: int, seed: int = 0, limit: Optional[int] = None,
                  preprocessing: Optional[Mapping] = None, options: Optional[dict] = None,
@@ -139,6 +140,12 @@ class TrainTask:
     def preprocessing_of_model(model_kwargs: dict) -> dict:
         """Preprocessing fields the model's constructor kwargs fix (over the config's, under explicit overrides)."""
         return {}
+
+    def train_transform(self, **options):
+        """The augmentation of :attr:`task` with this task's preprocessing: :func:`zoo.data.create_transform`
+        (``is_training=True``) of :func:`zoo.data.resolve_data_config`; ``options`` (``hflip``) are its."""
+        fields = {key: value for key, value in self.preprocessing.items() if key != "layout"}
+        return create_transform(resolve_data_config(task=self.task, **fields), is_training=True, **options)
 
     @classmethod
     def for_model(cls, model: nn.Module, data_dir: Path, *, model_kwargs: dict, num_instances: int,
@@ -265,9 +272,11 @@ class DetrTask(CocoTask):
     decoder output).
     """
 
+    task = "detection"
+
     def __init__(self, data_dir: Path, **kwargs):
         super().__init__(data_dir, **kwargs)
-        self.transform = DetrTrainTransform(self.preprocessing, hflip=self.flip)
+        self.transform = self.train_transform(hflip=self.flip)
         self._criterion = None
 
     def sample_size(self, index: int) -> tuple[int, int]:
@@ -349,6 +358,8 @@ class ReidTask(TrainTask):
     Labels are the training pids in sorted order mapped to 0..N-1; the model needs >= N classes.
     """
 
+    task = "person re-identification"
+
     def __init__(self, data_dir: Path, *, num_instances: int = 4, **kwargs):
         super().__init__(data_dir, **kwargs)
         if not isinstance(num_instances, int) or num_instances < 1:
@@ -371,7 +382,7 @@ class ReidTask(TrainTask):
         if len(pids) < self.num_identities_per_batch:
             raise DatasetError(f"{self.data_dir}: {len(pids)} training identities, fewer than P = "
                                f"{self.num_identities_per_batch} identities a batch")
-        self.transform = ReidTrainTransform(self.preprocessing)
+        self.transform = self.train_transform()
         self.height, self.width = self.transform.height, self.transform.width
         self._ce = None
 
@@ -454,6 +465,8 @@ class ClassificationTask(TrainTask):
     class folders (labels are the sorted folder names, as the evaluation reads them).
     """
 
+    task = "image classification"
+
     def __init__(self, data_dir: Path, **kwargs):
         super().__init__(data_dir, **kwargs)
         root = self.data_dir / "train"
@@ -463,7 +476,7 @@ class ClassificationTask(TrainTask):
             root = self.data_dir  # DIR itself holds the class folders
         self.root = root
         self.folder = ImageFolder(root, limit=self.limit)
-        self.transform = ClassificationTrainTransform(self.preprocessing, hflip=bool(self.options.get("hflip", True)))
+        self.transform = self.train_transform(hflip=bool(self.options.get("hflip", True)))
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -511,6 +524,8 @@ class VideoTask(TrainTask):
     Loss: cross-entropy.
     """
 
+    task = "video classification"
+
     def __init__(self, data_dir: Path, **kwargs):
         super().__init__(data_dir, **kwargs)
         name = self.options.get("train_list")
@@ -527,7 +542,7 @@ class VideoTask(TrainTask):
         clips = read_split(self.list_file, self.data_dir)
         self.clips = clips[:self.limit] if self.limit is not None else clips
         self.num_segments = self.preprocessing.num_frames or DEFAULT_NUM_FRAMES
-        self.transform = VideoTrainTransform(self.preprocessing)
+        self.transform = self.train_transform()
         self.prefix = str(self.options.get("prefix", "img_"))
 
     @staticmethod

@@ -10,6 +10,7 @@ from PIL import Image
 from zoo.data.synthetic.draw import (_contrasting, _hsv, _luma, _rng, _save_jpeg, _shape_mask, _texture, _uniform,
                                      _with_noise)
 from zoo.data.synthetic.layout import _finish, _prepare, _Sizes, _splits
+from zoo.paths import progress_bar
 
 
 #: Class names in label order; the folder of class i is ``CLS_WNIDS[i]`` (sorted = label order).
@@ -61,7 +62,7 @@ def make_shapes_cls(out: Path, split: str = "all", seed: int = 0, size: str = "d
         # ImageNet's validation images are numbered in one run across shuffled classes
         labels = _rng(seed, "shapes-cls", s, "order").permutation(per_class * k) % k
         seen = [0] * k
-        for index, label in enumerate(labels.tolist()):
+        for index, label in enumerate(progress_bar(labels.tolist(), desc=f"shapes-cls {s}", unit="image")):
             image = _render_cls(_rng(seed, "shapes-cls", s, index), label)
             wnid = CLS_WNIDS[label]
             seen[label] += 1

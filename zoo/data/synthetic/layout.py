@@ -17,6 +17,7 @@ import numpy as np
 
 from zoo.data.synthetic.draw import _rng, _save_jpeg, _write_json
 from zoo.errors import DatasetError
+from zoo.paths import progress_bar
 
 SIZES = ("default", "tiny")
 SPLITS = ("all", "train", "val")
@@ -118,7 +119,7 @@ def _coco_generate(out: Path, kind: str, split: str, seed: int, count: int, cate
     folder = out / f"{split}2017"
     folder.mkdir(parents=True)
     images, annotations = [], []
-    for index in range(count):
+    for index in progress_bar(range(count), desc=f"{kind} {split}", unit="image"):
         image_id = index + 1
         image, objects = render(_rng(seed, kind, split, index))
         file_name = f"{image_id:012d}.jpg"

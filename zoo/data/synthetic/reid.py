@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from zoo.data.synthetic.draw import _HAIR, _SKIN, _hsv, _rng, _save_jpeg, _uniform, _with_noise
 from zoo.data.synthetic.layout import _finish, _prepare, _Sizes, _splits
+from zoo.paths import progress_bar
 
 
 _REID_SIZES = _Sizes(default={"train_ids": 160, "test_ids": 160, "distractors": 80, "junk": 40},
@@ -310,7 +311,7 @@ def make_shapes_reid(out: Path, split: str = "all", seed: int = 0, size: str = "
         for path in owned[s]:
             path.mkdir()
         frame = 0
-        for index, shot in enumerate(shots[s]):
+        for index, shot in enumerate(progress_bar(shots[s], desc=f"shapes-reid {s}", unit="image")):
             rng = _rng(seed, "shapes-reid", s, index)
             camera = cameras[shot.camera - 1]
             if shot.person is None:  # a false detection: background only

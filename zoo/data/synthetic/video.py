@@ -9,6 +9,7 @@ from PIL import Image
 
 from zoo.data.synthetic.draw import _contrasting, _gradient, _luma, _rng, _save_jpeg, _shape_mask, _uniform, _with_noise
 from zoo.data.synthetic.layout import _finish, _prepare, _Sizes, _splits
+from zoo.paths import progress_bar
 
 
 #: Class names in label order (labels 0..7); each pair differs only in temporal order.
@@ -114,7 +115,7 @@ def make_moving_shapes(out: Path, split: str = "all", seed: int = 0, size: str =
         per_class = getattr(_VIDEO_SIZES, size)[s]
         order = _rng(seed, "moving-shapes", s, "order").permutation(per_class * len(VIDEO_CLASSES))
         lines, total_frames = [], 0
-        for index, slot in enumerate(order):
+        for index, slot in enumerate(progress_bar(order, desc=f"moving-shapes {s}", unit="clip")):
             label = int(slot) % len(VIDEO_CLASSES)
             rng = _rng(seed, "moving-shapes", s, index)
             num_frames = int(rng.integers(17, 21))
