@@ -145,6 +145,7 @@ def test_rpa_sa_readme_example_runs_with_the_import_line_changed():
     assert ns["out"].shape == (1, 8, 12, 12)
 
 
+@pytest.mark.slow  # gradcheck's 3528 backward passes: a few seconds alone, a minute on a busy machine
 def test_rpa_sa_original_op_tests_run_with_the_load_line_changed():
     import zoo.compat.rpa_sa  # noqa: F401  (replaces the scripts' torch.ops.load_library("../rpa_sa/_C...pyd"))
 
