@@ -18,7 +18,7 @@ from zoo import detect
 from zoo.checkpoint import load_checkpoint
 from zoo.cli import main
 from zoo.convert import ConversionMap
-from zoo.errors import ConversionError
+from zoo.errors import ConfigError, ConversionError
 from zoo.factory import convert_checkpoint
 from zoo.paths import hub_dir
 from zoo.registry import list_models, model_info
@@ -195,6 +195,10 @@ def test_ema_weights_are_selected_with_ema(tmp_path):
     assert all(bool((p == 1).all()) for p in model.parameters())
     plain = zoo.create_model(name, weights=str(src))
     assert all(bool((p == 0).all()) for p in plain.parameters())
+    assert zoo.create_model(name, weights=str(out), ema=True) is not None  # a folder of EMA weights
+    assert main(["convert", str(src), "--out", str(tmp_path / "main")]) == 0
+    with pytest.raises(ConfigError, match="converted RelZoo folder"):  # it kept the main weights only
+        zoo.create_model(name, weights=str(tmp_path / "main"), ema=True)
     no_ema = _deit_checkpoint(name)
     no_ema["model_ema"] = None
     with pytest.raises(ConversionError, match="no EMA weights"):

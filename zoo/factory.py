@@ -111,6 +111,10 @@ def create_model(name: str, pretrained: bool = False, weights: Union[str, Path, 
     kwargs = dict(cfg.kwargs)
     checkpoint = None
     recorded = weights_lib.read_folder_config(entry.source) if entry is not None else None
+    if recorded and ((ema and not recorded.get("ema")) or converter is not None):
+        # a RelZoo folder holds one converted state dict: no EMA copy or original layout is left in it
+        raise ConfigError(f"{entry.source} is a converted RelZoo folder: converter= and ema=True apply to original "
+                          "checkpoints only (`zoo convert --ema` converts the EMA weights)")
     if recorded and recorded.get("model") not in (None, base):
         recorded = None  # another model's folder: the strict load says what does not fit
     elif recorded is None and entry is not None and entry.converter is None:  # a user's file: maybe an original
