@@ -59,10 +59,14 @@ def read_folder_config(folder: Path) -> dict | None:
         return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: a hostile nesting depth
         raise WeightsError(f"cannot read {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise WeightsError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    for key, kind in (("model", str), ("kwargs", dict)):
+        if config.get(key) is not None and not isinstance(config[key], kind):
+            raise WeightsError(f"{config_path}: field '{key}' must be a {'string' if kind is str else 'JSON object'}, "
+                               f"got {type(config[key]).__name__}")
     return config
 
 
