@@ -31,6 +31,7 @@ from zoo._fs import first_line, replace_dir
 from zoo.checkpoint import as_state_dict, load_checkpoint, save_safetensors
 from zoo.config import ModelConfig, PretrainedCfg
 from zoo.errors import ConversionError, UploadError, WeightsError, ZooError
+from zoo.paths import offline
 from zoo.registry import model_info
 
 __all__ = ["FOLDER_WEIGHTS", "FOLDER_CONFIG", "FOLDER_CARD", "FOLDER_PLOTS", "HF_FALLBACK_WEIGHTS",
@@ -355,6 +356,9 @@ def push_to_hub(model: nn.Module, repo_id: str, *, revision: str | None = None, 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    if offline():
+        raise UploadError(f"push to hf://{repo_id}: offline mode (RELZOO_OFFLINE / HF_HUB_OFFLINE) never opens a "
+                          f"connection; unset it to upload")
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token, library_name="relzoo")
     with tempfile.TemporaryDirectory(prefix="relzoo-push-") as tmp:
         folder = save_pretrained(model, Path(tmp) / "model", repo_id=repo_id, eval_results=eval_results)

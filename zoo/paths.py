@@ -38,8 +38,8 @@ class EnvVar:
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("RELZOO_HOME", "`$XDG_CACHE_HOME/relzoo`, else `~/.cache/relzoo`",
            "cache root: downloads and conversions (`hub/`), native builds (`extensions/`)"),
-    EnvVar("RELZOO_OFFLINE", "unset", "`1`: never touch the network; a file not in the cache is an error "
-           "(`HF_HUB_OFFLINE=1` does the same)"),
+    EnvVar("RELZOO_OFFLINE", "unset", "`1`: never touch the network (no socket is opened; Hub files are read in "
+           "huggingface_hub's offline mode); a file not in the cache is an error (`HF_HUB_OFFLINE=1` does the same)"),
     EnvVar("RELZOO_LOCK_TIMEOUT", "1800", "seconds to wait for another process fetching or converting the same file"),
     EnvVar("RELZOO_DOWNLOAD_TIMEOUT", "3600", "seconds one download (a URL or `hf://` file, retries included) may "
            "take in all before it is stopped; its partial file is kept and resumed by the next attempt"),
