@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+from zoo.errors import ConfigError
 from zoo.factory import create_model
 from zoo.hub import push_to_hub, save_pretrained
 from zoo.registry import model_info, split_name
@@ -24,7 +25,7 @@ def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = 
     base, tag = split_name(name)
     cfg = model_info(base)
     if push and not repo_id:
-        raise ValueError("push needs a repo_id (org/name) to upload to")
+        raise ConfigError("push needs a repo_id (org/name) to upload to")
     pretrained = weights is None and (tag is not None or cfg.default_weights is not None)
     model = create_model(name, pretrained=pretrained, weights=weights, **overrides)
     folder = save_pretrained(model, out_dir, repo_id=repo_id, eval_results=eval_results)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from zoo._fs import atomic_write_text, sha256_file
 from zoo.config import ModelConfig, ReportedMetric
+from zoo.errors import ConfigError
 from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.eval.protocol import Protocol, get_protocol
 from zoo.factory import create_model
@@ -256,7 +257,7 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     eval_options = dict(cfg.eval)
     protocol_name = eval_options.pop("protocol", None)
     if protocol_name is None:
-        raise ValueError(f"model '{base}' has no evaluation protocol in its config")
+        raise ConfigError(f"model '{base}' has no evaluation protocol in its config")
     eval_options.update(options or {})
     protocol = get_protocol(protocol_name)(Path(data_dir), cfg, eval_options, limit)
     dataset = protocol.dataset()  # a missing or malformed dataset fails here, before any download

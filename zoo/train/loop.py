@@ -33,6 +33,7 @@ import torch
 from zoo import weights as weights_lib
 from zoo._fs import sha256_file
 from zoo.data.synthetic import MARKER
+from zoo.errors import ConfigError
 from zoo.factory import create_model
 from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
 from zoo.paths import progress_bar
@@ -176,14 +177,14 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+        raise ConfigError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
                          f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
     if lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = model_info(base)
     kwargs = _json_kwargs({**cfg.kwargs, **model_overrides})

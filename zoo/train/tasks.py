@@ -46,7 +46,7 @@ from zoo.data.imagefolder import ImageFolder, load_rgb
 from zoo.data.reid import read_market1501_train
 from zoo.data.ssv import read_split
 from zoo.data.transforms import DEFAULT_NUM_FRAMES, DetectorTrainTransform, detr_resize_size, randint
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 from zoo.losses import CrossEntropyLabelSmooth, SetCriterion, TripletLoss, box_xyxy_to_cxcywh
 
 __all__ = ["register_task", "build_task", "TrainTask", "CocoTask", "DetrTask", "TorchvisionDetectionTask",
@@ -122,12 +122,12 @@ class TrainTask:
                  preprocessing: Optional[Mapping] = None, options: Optional[dict] = None,
                  same_size_batches: float = 0.0):
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         if not (isinstance(same_size_batches, (int, float)) and 0 <= same_size_batches <= 1):
-            raise ValueError(f"same_size_batches must be a fraction in [0, 1], got {same_size_batches!r}")
+            raise ConfigError(f"same_size_batches must be a fraction in [0, 1], got {same_size_batches!r}")
         if same_size_batches and type(self).sample_size is TrainTask.sample_size:
-            raise ValueError(f"same_size_batches applies to detection training (padded batches); "
-                             f"'{self.protocol}' batches are not padded")
+            raise ConfigError(f"same_size_batches applies to detection training (padded batches); "
+                              f"'{self.protocol}' batches are not padded")
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.same_size_batches = float(same_size_batches)
@@ -363,14 +363,14 @@ class ReidTask(TrainTask):
     def __init__(self, data_dir: Path, *, num_instances: int = 4, **kwargs):
         super().__init__(data_dir, **kwargs)
         if not isinstance(num_instances, int) or num_instances < 1:
-            raise ValueError(f"num_instances (K) must be a positive int, got {num_instances!r}")
+            raise ConfigError(f"num_instances (K) must be a positive int, got {num_instances!r}")
         if self.batch_size % num_instances:
-            raise ValueError(f"re-id batch_size ({self.batch_size}) must be a multiple of num_instances K "
+            raise ConfigError(f"re-id batch_size ({self.batch_size}) must be a multiple of num_instances K "
                              f"({num_instances}): a batch is P identities x K images")
         self.num_instances = num_instances
         self.num_identities_per_batch = self.batch_size // num_instances
         if self.num_identities_per_batch < 2:
-            raise ValueError(f"re-id batches need P >= 2 identities for the triplet loss; batch_size "
+            raise ConfigError(f"re-id batches need P >= 2 identities for the triplet loss; batch_size "
                              f"{self.batch_size} / K {num_instances} = {self.num_identities_per_batch}")
         images = read_market1501_train(self.data_dir)
         self.images = images[:self.limit] if self.limit is not None else images
@@ -399,7 +399,7 @@ class ReidTask(TrainTask):
         task = cls(data_dir, num_instances=num_instances, **common)
         built_for = (model_kwargs.get("height"), model_kwargs.get("width"))
         if built_for[0] is not None and (task.height, task.width) != built_for:
-            raise ValueError(f"re-id input_size {[task.height, task.width]} differs from the model's "
+            raise ConfigError(f"re-id input_size {[task.height, task.width]} differs from the model's "
                              f"height x width {built_for[0]} x {built_for[1]}")
         return task
 
@@ -600,7 +600,7 @@ def build_task(model: nn.Module, model_config: ModelConfig, data_dir: Union[str,
     options = dict(model_config.eval or {})
     protocol = options.pop("protocol", None)
     if protocol not in _tasks:
-        raise ValueError(f"model '{model_config.name}' has eval protocol {protocol!r}; `zoo train` knows "
+        raise ConfigError(f"model '{model_config.name}' has eval protocol {protocol!r}; `zoo train` knows "
                          f"{', '.join(sorted(_tasks))}")
     task_cls = _tasks[protocol]
     model_kwargs = dict(model_kwargs or {})
