@@ -252,15 +252,18 @@ def detect(checkpoint: Any, from_map: str | ConversionMap | None = None, model_n
     if fits:
         return _choose(fits)
     if model_name is None:
-        raise ConversionError(_nothing_fits(checkpoint, detections))
+        raise ConversionError(_nothing_fits(checkpoint, detections, one_map=from_map is not None))
     given = max(detections, key=lambda d: d.score, default=None)
     report = given.explain() if given is not None else f"{model_name} cannot be built with these kwargs"
     raise ConversionError(f"the checkpoint does not fit {model_name}{best_fit_hint(checkpoint, model_name, ema=ema)}"
                           f"\n{report}")
 
 
-def _nothing_fits(checkpoint: Any, detections: Sequence[Detection]) -> str:
+def _nothing_fits(checkpoint: Any, detections: Sequence[Detection], one_map: bool = False) -> str:
     best = max(detections, key=lambda d: d.score, default=None)
+    problems = sorted({d.problem for d in detections if d.problem})
+    if one_map and problems and (best is None or best.score == 0):  # the map the caller named refused it: why
+        return "the checkpoint cannot be converted: " + "; ".join(problems[:3])
     if best is None or best.score == 0:
         keys = ", ".join(map(str, list(checkpoint)[:12])) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         return (f"no registered model shares the key names of this checkpoint (top-level: {keys}); "
