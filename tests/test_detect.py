@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import zoo
+import zoo.convert
 from conftest import fixture_dir
 from zoo import detect
 from zoo.checkpoint import load_checkpoint
@@ -220,3 +222,19 @@ def test_an_original_checkpoint_takes_a_new_head(tmp_path):
     checkpoint["model"]["pos_embed"] = torch.arange(197 * 192.0).view(1, 197, 192)
     model = zoo.create_model(name, weights=str(_save(checkpoint, tmp_path / "checkpoint.pth")), num_classes=5)
     assert model.head.weight.shape == (5, 192) and torch.equal(model.pos_embed, checkpoint["model"]["pos_embed"])
+
+
+def stem_kwargs_hook(checkpoint) -> dict:
+    """The model_kwargs hook of a user's own map (test_create_model_runs_a_users_map_only_when_trusted)."""
+    return {"stem": "attention", "bug_compatible": True}
+
+
+def test_create_model_runs_a_users_map_only_when_trusted(tmp_path):
+    text = (Path(zoo.convert.__file__).parents[1] / "convert" / "sasa-leader.yaml").read_text()
+    user_map = tmp_path / "my-leader.yaml"
+    user_map.write_text(text.replace("zoo.models.sasa_resnet:leader_checkpoint_kwargs", "test_detect:stem_kwargs_hook"))
+    src = _save(_leader_checkpoint("ResNet26_classes10_stemTrue"), tmp_path / "ckpt.tar")
+    with pytest.raises(ConfigError, match="trust-map"):  # a map from outside the package is code
+        zoo.create_model("sasa_resnet26_cifar", weights=str(src), converter=str(user_map))
+    model = zoo.create_model("sasa_resnet26_cifar", weights=str(src), converter=str(user_map), trust_map=True)
+    assert model.bug_compatible and model.init[0].__class__.__name__ == "AttentionStem"
