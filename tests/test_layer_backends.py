@@ -3,6 +3,7 @@
 Every backend a layer has gives the reference's outputs and gradients; a bad backend name, or a bad
 ``RELZOO_OPS``, is an error listing the valid values; ``RELZOO_OPS`` is what ``backend="auto"`` means;
 the older ``low_rank=`` / ``impl=`` spellings still work, with a DeprecationWarning.
+The attention layers' ``"flex"`` backend (inference only on CPU) is tested in test_relative_attn.py.
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import torch
 from zoo import ops
 from zoo.errors import ConfigError
 from zoo.layers import rsa as rsa_layers
-from zoo.layers.irpe import RPEAttention, get_rpe_config, get_single_rpe_config, iRPE
+from zoo.layers.irpe import RPEAttention, RPEMultiheadAttention, get_rpe_config, get_single_rpe_config, iRPE
 from zoo.layers.rga import RGA_Module
-from zoo.layers.rpa import MultiheadNonlocal1d, MultiheadNonlocal2d, MultiheadNonlocal3d
+from zoo.layers.rpa import MultiheadNonlocal1d, MultiheadNonlocal2d, MultiheadNonlocal3d, _MultiheadNonlocalNd
 from zoo.layers.rsa import RSA
 from zoo.layers.sasa import AttentionConv, AttentionStem, RelativeSelfAttention, SASAttention2d
+from zoo.ops.backend import ATTENTION_BACKENDS, NEIGHBORHOOD_BACKENDS
 
 ALL = ("auto", "native", "reference")
 PURE = ("auto", "reference")
+ATTENTION = ("auto", "sdpa", "native", "reference")  # and "flex": test_relative_attn.py (no CPU backward)
+ATTENTION_LAYERS = (RPEMultiheadAttention, RPEAttention, _MultiheadNonlocalNd)
 
 
 def _irpe_attention(method: str) -> torch.nn.Module:
@@ -30,10 +34,41 @@ def _irpe_attention(method: str) -> torch.nn.Module:
     return RPEAttention(16, num_heads=2, rpe_config=config)
 
 
+class _SelfAttention(torch.nn.Module):
+    """DETR's call of RPEMultiheadAttention: x as query, key and value, padding of the second image's last
+    keys, and an additive float mask; returns the output only (need_weights=False: the fused paths)."""
+
+    def __init__(self, attn: RPEMultiheadAttention, hw=None, key_length=None):
+        super().__init__()
+        self.attn, self.hw, self.key_length = attn, hw, key_length
+
+    def forward(self, x):
+        kv = x if self.key_length is None else x[: self.key_length]
+        padding = torch.zeros(x.shape[1], kv.shape[0], dtype=torch.bool)
+        padding[-1, -3:] = True
+        mask = torch.linspace(-1, 1, x.shape[0] * kv.shape[0], dtype=x.dtype).view(x.shape[0], kv.shape[0])
+        return self.attn(x, kv, kv, key_padding_mask=padding, attn_mask=mask, need_weights=False, hw=self.hw)[0]
+
+
+def _irpe_mha(spec: str, hw) -> torch.nn.Module:
+    config = get_rpe_config(**dict(zip(("ratio", "method", "mode", "shared_head", "rpe_on"), spec)))
+    return _SelfAttention(RPEMultiheadAttention(16, 2, dropout=0.3, rpe_config=config), hw=hw)
+
+
+RA = "relative_attn"  # the fused attention's native op
+
 # family: (layer, input shape, forward kwargs, backends, native op)
 FAMILIES = {
-    "irpe_product": (lambda: _irpe_attention("product"), (2, 1 + 4 * 5, 16), {"hw": (4, 5)}, ALL, "rpe_index"),
-    "irpe_cross": (lambda: _irpe_attention("cross"), (2, 1 + 3 * 4, 16), {"hw": (3, 4)}, ALL, "rpe_index"),
+    "irpe_product": (lambda: _irpe_attention("product"), (2, 1 + 4 * 5, 16), {"hw": (4, 5)}, ATTENTION, RA),
+    "irpe_cross": (lambda: _irpe_attention("cross"), (2, 1 + 3 * 4, 16), {"hw": (3, 4)}, ATTENTION, RA),
+    "irpe_mha_k": (lambda: _irpe_mha((2.0, "product", "ctx", True, "k"), (3, 5)), (15, 2, 16), {}, ATTENTION, RA),
+    "irpe_mha_bias_qk": (lambda: _irpe_mha((1.9, "euc", "bias", False, "qk"), (5, 3)), (15, 2, 16), {}, ATTENTION,
+                         RA),
+    "irpe_mha_cross_qkv": (lambda: _irpe_mha((1.9, "cross", "ctx", False, "qkv"), (3, 4)), (12, 2, 16), {},
+                           ATTENTION, RA),
+    "mha_plain": (lambda: _SelfAttention(RPEMultiheadAttention(16, 2), key_length=9), (11, 2, 16), {}, ATTENTION, RA),
+    "deit_plain": (lambda: RPEAttention(16, num_heads=4, qkv_bias=True), (1, 7, 16), {}, ATTENTION, RA),
+    "rpa_plain": (lambda: MultiheadNonlocal2d(6, 3, num_heads=2), (2, 6, 3, 5), {}, ATTENTION, RA),
     "rga_sc": (lambda: RGA_Module(16, 20, cha_ratio=4, spa_ratio=4, down_ratio=2), (2, 16, 4, 5), {}, PURE, None),
     "rsa": (lambda: RSA(8, 8, nh=2, dk=0, dv=0, dd=0, kernel_size=(3, 3, 3), kernel_type="VplusR",
                         feat_type="VplusR"), (2, 8, 3, 4, 5), {}, PURE, None),
@@ -46,21 +81,25 @@ FAMILIES = {
     "sasa_attention_stem": (lambda: AttentionStem(8, 8, 4, padding=2, groups=2, m=2), (2, 8, 5, 6), {}, ALL,
                             "neighborhood_attn"),
     "rpa_1d": (lambda: MultiheadNonlocal1d(6, 3, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3,
-                                           rpa_zero_init=False), (2, 6, 7), {}, PURE, None),
+                                           rpa_zero_init=False), (2, 6, 7), {}, ATTENTION, RA),
     "rpa_2d": (lambda: MultiheadNonlocal2d(6, 3, num_heads=2, kernel_size=3, padding=1, rpa_mode="relative_distance",
                                            rpa_kernel_size=4, rpa_interpolation="lerp", rpa_zero_init=False),
-               (2, 6, 5, 7), {}, PURE, None),
+               (2, 6, 5, 7), {}, ATTENTION, RA),
+    "rpa_2d_legacy": (lambda: MultiheadNonlocal2d(6, 3, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3,
+                                                  rpa_interpolation="lerp", rpa_zero_init=False, bug_compatible=True),
+                      (1, 6, 3, 5), {}, ATTENTION, RA),
     "rpa_3d": (lambda: MultiheadNonlocal3d(6, 3, num_heads=2, rpa_mode="relative_position", rpa_kernel_size=3,
-                                           rpa_interpolation="slerp", rpa_zero_init=False), (1, 6, 2, 3, 4), {}, PURE,
-               None),
+                                           rpa_interpolation="slerp", rpa_zero_init=False), (1, 6, 2, 3, 4), {},
+               ATTENTION, RA),
 }
 CASES = [(family, backend) for family, entry in FAMILIES.items() for backend in entry[3] if backend != "reference"]
 
 
 def _set_backend(model: torch.nn.Module, backend: str) -> None:
-    """The ``backend`` attribute of every layer in ``model`` (users may set it after construction)."""
+    """The ``backend`` attribute of every layer in ``model`` (users may set it after construction): the
+    attention layers take every attention backend, their iRPE modules (the index step) the op backends."""
     for module in model.modules():
-        if hasattr(module, "backend"):
+        if isinstance(module, ATTENTION_LAYERS) or (hasattr(module, "backend") and backend in ALL):
             module.backend = backend
 
 
@@ -82,7 +121,7 @@ def test_every_backend_equals_the_reference(family, backend):
     if backend == "native" and ops.get_op(native_op) is None:
         pytest.skip(f"native op '{native_op}' is not available here (RELZOO_OPS or no compiler)")
     torch.manual_seed(0)
-    layer = make().double().eval()
+    layer = make().double().eval()  # eval: dropout off (each path draws its own dropout mask)
     with torch.no_grad():  # random tables: iRPE's start at zero, which would hide its relative terms
         for p in layer.parameters():
             p.normal_(0.0, 0.5)
@@ -102,13 +141,15 @@ CONSTRUCTORS = {
                                rpe_config=get_single_rpe_config(), **kw), ALL),
     "RGA_Module": (lambda **kw: RGA_Module(64, 64, **kw), PURE),
     "RSA": (lambda **kw: RSA(8, 8, **kw), PURE),
-    "SASAttention2d": (lambda **kw: SASAttention2d(8, 8, heads=2, **kw), ALL),
-    "RelativeSelfAttention": (lambda **kw: RelativeSelfAttention(8, 8, 3, 2, **kw), ALL),
-    "AttentionConv": (lambda **kw: AttentionConv(8, 8, 3, padding=1, **kw), ALL),
+    "SASAttention2d": (lambda **kw: SASAttention2d(8, 8, heads=2, **kw), NEIGHBORHOOD_BACKENDS),
+    "RelativeSelfAttention": (lambda **kw: RelativeSelfAttention(8, 8, 3, 2, **kw), NEIGHBORHOOD_BACKENDS),
+    "AttentionConv": (lambda **kw: AttentionConv(8, 8, 3, padding=1, **kw), NEIGHBORHOOD_BACKENDS),
     "AttentionStem": (lambda **kw: AttentionStem(8, 8, 4, padding=2, **kw), ALL),
-    "MultiheadNonlocal1d": (lambda **kw: MultiheadNonlocal1d(4, **kw), PURE),
-    "MultiheadNonlocal2d": (lambda **kw: MultiheadNonlocal2d(4, **kw), PURE),
-    "MultiheadNonlocal3d": (lambda **kw: MultiheadNonlocal3d(4, **kw), PURE),
+    "MultiheadNonlocal1d": (lambda **kw: MultiheadNonlocal1d(4, **kw), ATTENTION_BACKENDS),
+    "MultiheadNonlocal2d": (lambda **kw: MultiheadNonlocal2d(4, **kw), ATTENTION_BACKENDS),
+    "MultiheadNonlocal3d": (lambda **kw: MultiheadNonlocal3d(4, **kw), ATTENTION_BACKENDS),
+    "RPEMultiheadAttention": (lambda **kw: RPEMultiheadAttention(8, 2, **kw), ATTENTION_BACKENDS),
+    "RPEAttention": (lambda **kw: RPEAttention(8, 2, **kw), ATTENTION_BACKENDS),
 }
 
 
@@ -133,8 +174,11 @@ def test_a_bad_backend_name_for_the_ops():
     x, index = torch.randn(2, 4, 3), torch.randint(0, 3, (4, 6))
     with pytest.raises(ConfigError, match="backend must be one of 'auto', 'native', 'reference', got 'fast'"):
         ops.rpe_index(x, index, backend="fast")
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'native', 'reference'"):  # ConfigError is one
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'flex', 'native', 'reference'"):
         ops.neighborhood_attention(*(torch.randn(1, 1, 3, 3, 2) for _ in range(3)), kernel_size=3, backend="fast")
+    with pytest.raises(ConfigError, match="relative_attention backend must be one of 'auto', 'sdpa', 'flex', "
+                                          "'native', 'reference', got 'fast'"):
+        ops.relative_attention(*(torch.randn(1, 1, 3, 2) for _ in range(3)), backend="fast")
 
 
 def test_relzoo_ops_bogus_lists_the_valid_values(monkeypatch):

@@ -40,6 +40,15 @@ Backends of :class:`iRPE` (:mod:`zoo.ops.backend`; outputs equal, tests hold the
 
 The backend is an :class:`iRPE` constructor argument and attribute; ``RELZOO_OPS=reference`` selects
 the reference for every module left at ``"auto"``.
+
+The attention layers (:class:`RPEMultiheadAttention`, :class:`RPEAttention`) have their own ``backend``
+(:data:`zoo.ops.backend.ATTENTION_BACKENDS`): by default the whole attention runs fused
+(:func:`zoo.ops.relative_attn.relative_attention`): SDPA without iRPE; with iRPE the per-bucket
+products (the small (B, heads, L, nb) tensors the index step gathers from) and each module's taps (the
+bucket of every offset, :meth:`iRPE.pair_taps`) go into the native fused kernel on CPU or a
+FlexAttention ``score_mod`` on CUDA, so no L x L logit, bias or index is materialised. ``"reference"``
+(and ``need_weights=True``) is the original formulation above, with the iRPE modules on their own
+``backend``.
 """
 from __future__ import annotations
 
@@ -51,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.ops.backend import check_backend, resolve
+from zoo.ops.backend import ATTENTION_BACKENDS, check_backend, resolve
+from zoo.ops.relative_attn import PairTaps, Term, offset_grid, pair_taps, relative_attention
 from zoo.ops.rpe_index import rpe_index
 
 __all__ = [
@@ -160,7 +170,11 @@ def _pair_offsets(height: int, width: int, device) -> torch.Tensor:
 def _compute_bucket_ids(method: int, height: int, width: int, alpha: float, beta: float, gamma: float,
                         device) -> torch.Tensor:
     """(H*W, H*W) int64 bucket ids of the spatial tokens (no skip tokens)."""
-    diff = _pair_offsets(height, width, device)
+    return _bucket_ids_of_offsets(method, _pair_offsets(height, width, device), alpha, beta, gamma)
+
+
+def _bucket_ids_of_offsets(method: int, diff: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """int64 bucket ids of (..., 2) int64 offsets (row, col), query minus key: the one place of the formulas."""
     beta_int = _beta_int(beta)
     kw = dict(alpha=alpha, beta=beta, gamma=gamma, dtype=torch.long)
     if method == METHOD.EUCLIDEAN:
@@ -229,6 +243,28 @@ def _cached_bucket_ids(method: int, height: int, width: int, skip: int, alpha: f
         return ids.to(dtype).contiguous()
 
     return _BUCKET_CACHE.get(key, make)
+
+
+# Taps (zoo.ops.relative_attn.PairTaps) of a module: the bucket of every offset, for the fused paths.
+_TAPS_CACHE = _LRU(64)
+
+
+def _cached_taps(method: int, height: int, width: int, skip: int, alpha: float, beta: float, gamma: float,
+                 device) -> PairTaps:
+    """The bucket of every (row, col) offset of an H x W map as :class:`~zoo.ops.relative_attn.PairTaps`
+    (one tap, weight 1; pairs touching a skip token read the extra bucket). Cached."""
+    device = torch.device(device)
+    key = (method, height, width, skip, float(alpha), float(beta), float(gamma), device)
+
+    @torch.inference_mode(False)
+    def make():
+        offsets = offset_grid((height, width))[:, 1:].to(device)  # (O, 2) row/col offsets, the op's order
+        ids = _bucket_ids_of_offsets(method, offsets, alpha, beta, gamma)
+        extra = get_num_buckets(method, alpha, beta, gamma)
+        return pair_taps(ids, grid=(height, width), skip=skip, num_entries=extra + (1 if skip > 0 else 0),
+                         skip_ids=[extra] if skip > 0 else None)
+
+    return _TAPS_CACHE.get(key, make)
 
 
 def get_bucket_ids_2d_without_skip(method: Union[int, str], height: int, width: int, alpha: float, beta: float,
@@ -309,6 +345,7 @@ class iRPE(nn.Module):
         self.rpe_config = rpe_config
         self.backend = check_backend(backend, what="iRPE backend")
         self._rp_bucket = None  # ((H, W, L, device), (ids int64, ids int32 or None))
+        self._taps = None  # ((H, W, L, device), PairTaps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -325,16 +362,50 @@ class iRPE(nn.Module):
             self.lookup_table_weight = nn.Parameter(torch.zeros(self.num_heads, self.num_buckets, self.head_dim))
             self.initializer(self.lookup_table_weight)
 
-    def _get_rp_bucket(self, x: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None):
-        """(L, L) int64 bucket ids for ``x``'s token count (plus an int32 copy for the native op)."""
-        L = x.shape[2]
+    @staticmethod
+    def _layout(L: int, height: Optional[int], width: Optional[int]) -> tuple[int, int, int]:
+        """(height, width, skip) of L tokens; height = width = floor(sqrt(L)) when not given."""
         if height is None or width is None:
-            side = int(math.sqrt(L))
-            height = width = side
+            height = width = int(math.sqrt(L))
         skip = L - height * width
         if skip < 0:
             raise ValueError(f"iRPE: {L} tokens cannot hold a {height}x{width} feature map")
-        key = (int(height), int(width), L, x.device)
+        return int(height), int(width), skip
+
+    def pair_taps(self, num_tokens: int, height: Optional[int] = None, width: Optional[int] = None,
+                  device=torch.device("cpu")) -> PairTaps:
+        """The bucket of every pair of ``num_tokens`` tokens as taps (:mod:`zoo.ops.relative_attn`), cached."""
+        height, width, skip = self._layout(num_tokens, height, width)
+        key = (height, width, num_tokens, torch.device(device))
+        if self._taps is None or self._taps[0] != key:
+            cfg = self.rpe_config
+            self._taps = (key, _cached_taps(self.method, height, width, skip, cfg["alpha"], cfg["beta"], cfg["gamma"],
+                                            device))
+        return self._taps[1]
+
+    def per_bucket(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The per-bucket values the index step reads: for q/k modules (B, heads, L, nb) products
+        x . w[:, :, b] of x (B, heads, L, d) (bias mode: the table (1, table heads, 1, nb), no x); for the
+        v module the table (table heads, nb, d)."""
+        if not self.transposed:
+            return self.lookup_table_weight
+        if self.mode == "bias":
+            return self.lookup_table_bias.view(1, self.num_heads, 1, self.num_buckets)
+        _, heads, _, d = x.shape
+        if d != self.head_dim:
+            raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit head_dim {self.head_dim}")
+        if self.num_heads not in (1, heads):
+            raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
+        # (B, heads, L, d) @ (table heads, d, nb): contiguous (B, heads, L, nb), the layout the fused kernel
+        # reads; a shared table is one (B heads L, d) @ (d, nb) product
+        weight = self.lookup_table_weight
+        return torch.matmul(x, weight[0] if self.num_heads == 1 else weight)
+
+    def _get_rp_bucket(self, x: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None):
+        """(L, L) int64 bucket ids for ``x``'s token count (plus an int32 copy for the native op)."""
+        L = x.shape[2]
+        height, width, skip = self._layout(L, height, width)
+        key = (height, width, L, x.device)
         if self._rp_bucket is not None and self._rp_bucket[0] == key:
             return self._rp_bucket[1]
         cfg = self.rpe_config
@@ -368,16 +439,11 @@ class iRPE(nn.Module):
         L = rp_bucket.shape[0]
         if self.mode == "bias":
             return self.lookup_table_bias[:, rp_bucket.flatten()].view(1, self.num_heads, L, L)
-        B, heads, Lq, d = x.shape
-        if Lq != L or d != self.head_dim:
-            raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit a {L}-token map with head_dim {self.head_dim}")
-        if self.num_heads not in (1, heads):
-            raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
-        # Per-bucket products first, (heads, B*L, d) @ (table heads, d, nb), then the index step.
-        per_bucket = torch.matmul(x.transpose(0, 1).reshape(heads, B * L, d), self.lookup_table_weight)
-        per_bucket = per_bucket.view(heads, B, L, self.num_buckets).transpose(0, 1)
+        if x.shape[2] != L:
+            raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit a {L}-token map")
+        # Per-bucket products first, then the index step.
         index = rp_bucket if rp_bucket_int32 is None else rp_bucket_int32
-        return rpe_index(per_bucket, index, backend=self.backend)
+        return rpe_index(self.per_bucket(x), index, backend=self.backend)
 
     def forward_rpe_no_transpose(self, x: torch.Tensor, rp_bucket: torch.Tensor) -> torch.Tensor:
         """v term: out[b, h, i, :] = sum_j x[b, h, i, j] * w[h, P_ij, :]."""
@@ -415,6 +481,7 @@ class iRPE_Cross(nn.Module):
             raise ValueError(f"iRPE_Cross is for method CROSS, got {method!r}")
         self.rp_rows = iRPE(**kwargs, method=METHOD.CROSS_ROWS)
         self.rp_cols = iRPE(**kwargs, method=METHOD.CROSS_COLS)
+        self._taps = None  # (rows' taps, cols' taps, the two together)
 
     @property
     def backend(self) -> str:
@@ -428,6 +495,22 @@ class iRPE_Cross(nn.Module):
     def num_buckets(self) -> int:
         """Buckets of each of the two tables (the original lacked this; DETR's attention read it and crashed)."""
         return self.rp_rows.num_buckets
+
+    def pair_taps(self, num_tokens: int, height: Optional[int] = None, width: Optional[int] = None,
+                  device=torch.device("cpu")) -> PairTaps:
+        """Two taps per pair: the row bucket, and the column bucket after the row table's entries."""
+        rows = self.rp_rows.pair_taps(num_tokens, height, width, device)
+        cols = self.rp_cols.pair_taps(num_tokens, height, width, device)
+        if self._taps is None or self._taps[0] is not rows or self._taps[1] is not cols:
+            with torch.inference_mode(False):  # kept: never an inference tensor
+                index = torch.cat([rows.index, cols.index + rows.num_entries])
+            self._taps = (rows, cols, PairTaps(index, None, rows.grid, rows.skip, rows.num_entries + cols.num_entries))
+        return self._taps[2]
+
+    def per_bucket(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The two tables' per-bucket values side by side (:meth:`iRPE.per_bucket`), rows first."""
+        axis = -1 if self.rp_rows.transposed else 1
+        return torch.cat([self.rp_rows.per_bucket(x), self.rp_cols.per_bucket(x)], axis)
 
     def forward(self, x: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
         """Same shapes as :meth:`iRPE.forward`."""
@@ -556,6 +639,27 @@ def _add_rpe_logits(attn: torch.Tensor, q_scaled: torch.Tensor, k_scaled: torch.
     return attn
 
 
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, rpe_q, rpe_k, rpe_v,
+                     hw: Optional[Sequence[int]], **kwargs) -> torch.Tensor:
+    """:func:`~zoo.ops.relative_attn.relative_attention` of q (already scaled), k, v (B, heads, L, d) with
+    the iRPE terms: rpe_k on the queries (``query_term``), rpe_q on the keys acting as queries
+    (``key_term``), rpe_v (``value_term``); per-bucket values (B, heads, L, nb) (bias mode: the table) and
+    the modules' cached taps. ``kwargs``: the masks, dropout and backend."""
+    if any(m is not None for m in (rpe_q, rpe_k, rpe_v)):
+        # the native kernel reads contiguous rows, and the per-bucket products of contiguous q, k come out
+        # in its (B, heads, L, nb) layout: one copy each here instead of copies of q and of the products later
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    h, w = (hw if hw is not None else (None, None))
+    L, device = q.shape[2], q.device
+
+    def term(module, x):
+        return None if module is None else Term(module.per_bucket(x), module.pair_taps(L, h, w, device))
+
+    k_scaled = k * scaling if rpe_q is not None else None
+    return relative_attention(q, k, v, query_term=term(rpe_k, q), key_term=term(rpe_q, k_scaled),
+                              value_term=term(rpe_v, None), **kwargs)
+
+
 def _check_hw(hw, L: int) -> Optional[tuple]:
     if hw is None:
         return None
@@ -567,8 +671,44 @@ def _check_hw(hw, L: int) -> Optional[tuple]:
     return h, w
 
 
+def _attention_masks(attn_mask, key_padding_mask, N: int, heads: int, L: int, S: int):
+    """attn_mask as (1, 1, L, S) or (N, heads, L, S), and key_padding_mask (N, S), validated (None stays None)."""
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            attn_mask = attn_mask.view(1, 1, L, S)
+        elif attn_mask.dim() == 3 and attn_mask.shape[0] == N * heads:
+            attn_mask = attn_mask.view(N, heads, L, S)
+        else:
+            raise ValueError(f"attn_mask must be (L, S) or (N*heads, L, S), got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+        raise ValueError(f"key_padding_mask must be (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
+    return attn_mask, key_padding_mask
+
+
+def _additive(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A bool/uint8 mask (True = masked) as an additive float mask (-inf); a float mask as it is."""
+    if attn_mask is None or attn_mask.is_floating_point():
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(attn_mask.bool(),
+                                                                                          float("-inf"))
+
+
+_BACKENDS_DOC = """
+    Backends (``backend=``, kept as the ``backend`` attribute; :data:`zoo.ops.backend.ATTENTION_BACKENDS`):
+    ``"auto"`` (default) the fastest path for the device, dtype and shape
+    (:func:`zoo.ops.relative_attn.choose_backend`: in float32 SDPA without relative terms; with them the
+    native fused kernel on CPU (SDPA with one shared bias for bias-mode tables over a large batch in
+    inference), FlexAttention on CUDA),
+    ``"sdpa"``, ``"flex"``, ``"native"``, or ``"reference"``, the original formulation (materialised
+    logits, iRPE modules on their own ``backend``). Every path gives the reference's outputs and gradients;
+    where the attention probabilities are asked for (``need_weights=True``) the reference runs, since the
+    fused kernels never hold them. Fused paths give a query whose keys are all masked a zero output (as
+    SDPA does); the original (and ``"reference"``) gives NaN.
+"""
+
+
 class RPEMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` with iRPE terms, drop-in for DETR-with-iRPE's module.
+    __doc__ = """``nn.MultiheadAttention`` with iRPE terms, drop-in for DETR-with-iRPE's module.
 
     Same constructor arguments and state_dict keys as the original (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.*``, optional ``bias_k``/``bias_v`` and separate
@@ -584,11 +724,11 @@ class RPEMultiheadAttention(nn.Module):
     Fix over the original: method ``cross`` works (the original crashed in ``__init__``).
     ``add_bias_kv``/``add_zero_attn`` append key tokens without a position and are rejected
     together with iRPE.
-    """
+""" + _BACKENDS_DOC
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, rpe_config=None):
+                 vdim: Optional[int] = None, rpe_config=None, *, backend: str = "auto"):
         super().__init__()
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -599,6 +739,7 @@ class RPEMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.backend = check_backend(backend, ATTENTION_BACKENDS, "RPEMultiheadAttention backend")
 
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
@@ -690,24 +831,25 @@ class RPEMultiheadAttention(nn.Module):
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         S = k.shape[2]
+        attn_mask, key_padding_mask = _attention_masks(attn_mask, key_padding_mask, N, heads, L, S)
 
+        what = "RPEMultiheadAttention backend"
+        if not need_weights and resolve(self.backend, ATTENTION_BACKENDS, what) != "reference":
+            out = _fused_attention(q, k, v, scaling, self.rpe_q, self.rpe_k, self.rpe_v, hw,
+                                   attn_bias=_additive(attn_mask, q.dtype),
+                                   key_padding_mask=None if key_padding_mask is None else key_padding_mask.bool(),
+                                   dropout_p=self.dropout if self.training else 0.0, backend=self.backend, what=what)
+            return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, E)), None
+
+        # the original formulation: logits materialised (and the probabilities, which need_weights returns)
         attn = torch.matmul(q, k.transpose(2, 3))  # (N, heads, L, S)
         attn = _add_rpe_logits(attn, q, k * scaling if self.rpe_q is not None else None, self.rpe_q, self.rpe_k, hw)
-
         if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                attn_mask = attn_mask.view(1, 1, L, S)
-            elif attn_mask.dim() == 3 and attn_mask.shape[0] == N * heads:
-                attn_mask = attn_mask.view(N, heads, L, S)
-            else:
-                raise ValueError(f"attn_mask must be (L, S) or (N*heads, L, S), got {tuple(attn_mask.shape)}")
             if attn_mask.dtype == torch.bool or attn_mask.dtype == torch.uint8:
                 attn = attn.masked_fill(attn_mask.bool(), float("-inf"))
             else:
                 attn = attn + attn_mask
         if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (N, S):
-                raise ValueError(f"key_padding_mask must be (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
             attn = attn.masked_fill(key_padding_mask.bool().view(N, 1, 1, S), float("-inf"))
 
         attn = F.softmax(attn, dim=-1)
@@ -724,22 +866,23 @@ class RPEMultiheadAttention(nn.Module):
 
 
 class RPEAttention(nn.Module):
-    """DeiT-with-iRPE's attention block (timm ``Attention`` + iRPE), drop-in for the original.
+    __doc__ = """DeiT-with-iRPE's attention block (timm ``Attention`` + iRPE), drop-in for the original.
 
     Args as the original: dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.,
     proj_drop=0., rpe_config=None. Keys: ``qkv.*``, ``proj.*``, ``rpe_{q,k,v}.*``.
     Input x (B, N, C) with N = skip + H*W tokens (H = W = floor(sqrt(N)) unless ``hw`` is given);
     output (B, N, C).
-    """
+""" + _BACKENDS_DOC
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, rpe_config=None):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rpe_config=None, *, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
+        self.backend = check_backend(backend, ATTENTION_BACKENDS, "RPEAttention backend")
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -754,13 +897,19 @@ class RPEAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, d)
         q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
-        attn = _add_rpe_logits(attn, q, k * self.scale if self.rpe_q is not None else None, self.rpe_q,
-                               self.rpe_k, hw)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = attn @ v
-        if self.rpe_v is not None:
-            h, w = hw if hw is not None else (None, None)
-            out = out + self.rpe_v(attn, height=h, width=w)
+        what = "RPEAttention backend"
+        if resolve(self.backend, ATTENTION_BACKENDS, what) != "reference":
+            out = _fused_attention(q, k, v, self.scale, self.rpe_q, self.rpe_k, self.rpe_v, hw,
+                                   dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+                                   what=what)
+        else:  # the original formulation
+            attn = q @ k.transpose(-2, -1)
+            attn = _add_rpe_logits(attn, q, k * self.scale if self.rpe_q is not None else None, self.rpe_q,
+                                   self.rpe_k, hw)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+            if self.rpe_v is not None:
+                h, w = hw if hw is not None else (None, None)
+                out = out + self.rpe_v(attn, height=h, width=w)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))

@@ -17,9 +17,10 @@ small learned tensors ``a_k``, ``a_v``:
   displacement takes its value from the kernel's border ring by polar angle (``nearest``, ``alerp``
   angle-linear or ``slerp`` spherical-linear weights).
 
-How it is computed (spec §5). The expansion ``a -> A`` is linear with at most two non-zeros per
-displacement, so it is a constant matrix ``M`` (``P x K'``, ``P`` displacements, ``K'`` entries of
-``a``) built once per input size and cached. Both relative terms then go through ``a`` directly::
+The expansion (spec §5). ``a -> A`` is linear with at most two non-zeros per displacement, so it is a
+constant matrix ``M`` (``P x K'``, ``P`` displacements, ``K'`` entries of ``a``) built once per input
+size and cached. Both relative terms can then go through ``a`` directly; the pure-torch path of the
+drop-in attend ops does it in chunks::
 
     key term:   (q^T a) M^T   -> per query a row over all P displacements -> pick the N that exist
     value term: softmax(L) placed on the displacement grid -> (. M) -> (a .)
@@ -30,12 +31,21 @@ displacements its rows can reach, so the intermediate grid stays small. The two 
 other's adjoint, which is how the backward is written (first-order gradients, like the original).
 Everything else is GEMMs; there is no per-element loop.
 
-Backends (:mod:`zoo.ops.backend`, no native op), of the blocks and of the two attend ops: ``"auto"``
-(default) is the formulation above; ``"reference"`` is the original's algorithm (spec §1.3, §4): per
-head its own q/k/v, the displacement tables expanded for the current size, and the attend ops
-written with an explicit (query, key) -> table index (:func:`relative_attend_query_reference`,
-:func:`relative_attend_weight_reference`). Tests hold the two equal; ``benchmarks/rpa.py`` times
-them and the original's scalar-loop kernels.
+Backends of the blocks (:data:`zoo.ops.backend.ATTENTION_BACKENDS`): the default ``"auto"`` runs the whole
+attention fused (:func:`zoo.ops.relative_attn.relative_attention`): SDPA without relative terms; with them,
+``a`` enters as per-query entries ``q . a`` (B, h, N, K') and taps (:func:`_relative_taps`: for every
+offset the at most two entries of ``a`` its displacement cell interpolates, and their weights), read inside
+the native fused kernel on CPU, which also accumulates the value term's per-entry probabilities while the
+probabilities are in cache. ``"sdpa"`` materialises the logits (the value term needs the probabilities),
+``"native"`` forces the kernel; ``"flex"`` cannot compute the value term. ``"reference"`` is the
+original's algorithm (spec §1.3, §4): per head its own q/k/v, the displacement tables expanded for the
+current size, and the attend ops written with an explicit (query, key) -> table index
+(:func:`relative_attend_query_reference`, :func:`relative_attend_weight_reference`). Tests hold them equal;
+``benchmarks/attention.py`` and ``benchmarks/rpa.py`` time them and the original's scalar-loop kernels.
+
+The drop-in attend ops (``backend``: ``"auto"``, ``"native"``, ``"reference"``) run native loops
+(``ops/relative_attn``: the original op's algorithm, vectorised, threaded only above a work threshold, so
+small maps pay no thread wake-ups) where the op builds, else the chunked formulation above.
 
 Compatibility layer: the four native ops of the original are available with their argument order,
 semantics and interpolation names, as :func:`rotative_pad2d`, :func:`spherical_pad2d`,
@@ -69,7 +79,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.ops.backend import PURE_TORCH, check_backend, resolve
+from zoo.ops.backend import ATTENTION_BACKENDS, BACKENDS, check_backend, resolve
+from zoo.ops.build import use_native
+from zoo.ops.relative_attn import OP_NAME, PairTaps, Term, attend_dot, attend_pairs, offset_grid, pair_taps, \
+    relative_attention
 
 __all__ = [
     "MultiheadNonlocal1d",
@@ -211,6 +224,7 @@ def _border_map_1d(length: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)          # one entry per hidden size seen; detectors see a few dozen
+@torch.inference_mode(False)    # cached: never an inference tensor (autograd could not save it later)
 def _relative_map(mode: str, method: str, rpa_kernel: tuple[int, ...], sizes: tuple[int, ...],
                   legacy: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The cached (P x K') map from a (flattened) to the displacement table of a hidden map ``sizes``.
@@ -247,6 +261,7 @@ def _rp_pad2d(kernel: Sequence[int], sizes: Sequence[int], legacy: bool) -> tupl
 
 
 @lru_cache(maxsize=8)           # N x N indices: the reference backend and bug-compatible mode
+@torch.inference_mode(False)
 def _pair_index(sizes: tuple[int, ...], table_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(N, N) flat index the original attend ops read for (query i, key j) from a table of ``table_shape``.
 
@@ -267,6 +282,26 @@ def _pair_index(sizes: tuple[int, ...], table_shape: tuple[int, ...], device: to
             f"(non-deterministic garbage; happens when H > W, and for some non-square kernels). "
             f"Use bug_compatible=False")
     return index.to(device)
+
+
+@lru_cache(maxsize=64)          # one entry per hidden size seen, like the maps
+@torch.inference_mode(False)    # cached: never an inference tensor (autograd could not save it later)
+def _relative_taps(mode: str, method: str, rpa_kernel: tuple[int, ...], sizes: tuple[int, ...], legacy: bool,
+                   table_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> PairTaps:
+    """The relative table of a hidden map ``sizes`` as taps (:mod:`zoo.ops.relative_attn`): for every offset
+    (query minus key) the at most two entries of ``a`` its displacement cell interpolates, and their weights.
+
+    The cell of a pair is the one the original's attend ops read (:func:`_pair_index`): the displacement
+    key - query in the (2S_1-1) x ... table, or in the bug-compatible transposed 2-D table.
+    """
+    m = _relative_map(mode, method, rpa_kernel, sizes, legacy, dtype, device)                  # (P, K')
+    disp = torch.tensor(sizes) - 1 - offset_grid(sizes)[:, 3 - len(sizes):]                 # key - query + S - 1
+    cells = sum(disp[:, a] * math.prod(table_shape[a + 1:]) for a in range(len(sizes)))
+    if int(cells.max()) >= math.prod(table_shape):
+        _pair_index(sizes, table_shape, device)  # raises the bug-compatible out-of-bounds error
+    rows = m[cells.to(device)]                                                                # (O, K')
+    ids = rows.abs().topk(min(2, rows.shape[1]), dim=1).indices                               # <= 2 non-zeros a row
+    return pair_taps(ids.T, grid=sizes, num_entries=m.shape[1], weight=rows.gather(1, ids).T)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,13 +532,17 @@ def relative_attend_query2d(query: torch.Tensor, affinity: torch.Tensor, height:
 
     query: (B, d, N), N = height * width (row-major); affinity: (d, 2H-1, 2W-1), centre = no displacement.
     Returns (B, N, N): R[b, i, j] = sum_c query[b, c, i] * affinity[c, y_j - y_i + H - 1, x_j - x_i + W - 1].
-    ``backend``: ``"auto"`` the chunked strided copies, ``"reference"`` :func:`relative_attend_query_reference`.
+    ``backend``: ``"auto"`` the native loop (``ops/relative_attn``, the original op's algorithm, vectorised and
+    threaded) where it builds, else the chunked strided copies; ``"native"`` the loop or an OpsError;
+    ``"reference"`` :func:`relative_attend_query_reference`.
     """
     if query.dim() != 3 or query.shape[-1] != height * width:
         raise ValueError(f"relative_attend_query2d: query must be (B, d, {height}*{width}), got {tuple(query.shape)}")
     table = _check_affinity(affinity, query.shape[1], height, width, "relative_attend_query2d")
-    if resolve(backend, PURE_TORCH, "relative_attend_query2d backend") == "reference":
+    if resolve(backend, BACKENDS, "relative_attend_query2d backend") == "reference":
         return relative_attend_query_reference(query, affinity, (height, width))
+    if use_native(OP_NAME, backend, query.device.type):
+        return attend_pairs(query, affinity, height, width)
     return _RelativeToPairs.apply(query.transpose(1, 2), table.T, (int(height), int(width)))
 
 
@@ -513,14 +552,16 @@ def relative_attend_weight2d(weight: torch.Tensor, affinity: torch.Tensor, heigh
 
     weight: (B, N, N) attention weights; affinity: (d, 2H-1, 2W-1).
     Returns (B, d, N): O[b, c, i] = sum_j weight[b, i, j] * affinity[c, y_j - y_i + H - 1, x_j - x_i + W - 1].
-    ``backend``: ``"auto"`` the chunked strided copies, ``"reference"`` :func:`relative_attend_weight_reference`.
+    ``backend``: as :func:`relative_attend_query2d`; ``"reference"`` :func:`relative_attend_weight_reference`.
     """
     num = height * width
     if weight.dim() != 3 or tuple(weight.shape[1:]) != (num, num):
         raise ValueError(f"relative_attend_weight2d: weight must be (B, {num}, {num}), got {tuple(weight.shape)}")
     table = _check_affinity(affinity, affinity.shape[0], height, width, "relative_attend_weight2d")
-    if resolve(backend, PURE_TORCH, "relative_attend_weight2d backend") == "reference":
+    if resolve(backend, BACKENDS, "relative_attend_weight2d backend") == "reference":
         return relative_attend_weight_reference(weight, affinity, (height, width))
+    if use_native(OP_NAME, backend, weight.device.type):
+        return attend_dot(weight, affinity, height, width)
     return _RelativeFromPairs.apply(weight, table.T, (int(height), int(width))).transpose(1, 2)
 
 
@@ -585,7 +626,7 @@ class _MultiheadNonlocalNd(nn.Module):
         self.rpa_interpolation = rpa_interpolation
         self.rpa_zero_init = rpa_zero_init
         self.bug_compatible = bug_compatible
-        self.backend = check_backend(backend, PURE_TORCH, f"{type(self).__name__} backend")
+        self.backend = check_backend(backend, ATTENTION_BACKENDS, f"{type(self).__name__} backend")
         self.scale = hidden_channels ** -0.5 if use_scale else 1.0
 
         conv, conv_t = self._conv[self.ndim], self._conv_transpose[self.ndim]
@@ -677,6 +718,10 @@ class _MultiheadNonlocalNd(nn.Module):
         return _relative_map(self.rpa_mode, self._method, self.rpa_kernel_size, sizes, self._legacy(sizes),
                              dtype, device)
 
+    def _taps(self, sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> PairTaps:
+        return _relative_taps(self.rpa_mode, self._method, self.rpa_kernel_size, sizes, self._legacy(sizes),
+                              self._table_shape(sizes), dtype, device)
+
     def _table_shape(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
         if self._legacy(sizes):
             left, right, up, down = _rp_pad2d(self.rpa_kernel_size, sizes, legacy=True)
@@ -713,7 +758,8 @@ class _MultiheadNonlocalNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, *spatial) -> (B, C_in, *spatial)."""
         self._check_input(x)
-        if resolve(self.backend, PURE_TORCH, f"{type(self).__name__} backend") == "reference":
+        what = f"{type(self).__name__} backend"
+        if resolve(self.backend, ATTENTION_BACKENDS, what) == "reference":
             return self._forward_reference(x)
         batch, heads, d = x.shape[0], self.num_heads, self.hidden_channels
         # One conv for all heads: head t owns channels [3dt, 3d(t+1)) = its q, k, v blocks.
@@ -721,22 +767,19 @@ class _MultiheadNonlocalNd(nn.Module):
         bias = torch.cat([conv.bias for conv in self.embed_conv])
         embed = self._conv_fn(x, weight, bias, self.stride, self.padding, self.dilation)
         sizes = tuple(embed.shape[2:])
-        num = math.prod(sizes)
-        q, k, v = embed.reshape(batch, heads, 3, d, num).unbind(2)       # each (B, h, d, N)
+        q, k, v = embed.reshape(batch, heads, 3, d, math.prod(sizes)).unbind(2)   # each (B, h, d, N)
         # The scale multiplies the whole logit, relative term included; both are linear in q.
         q = q * self.scale
-
-        if self.rpa_mode is not None:                                     # (B h, N, N) query x key
-            logits = torch.baddbmm(self._relative_logits(q, sizes).flatten(0, 1),
-                                   q.transpose(-1, -2).flatten(0, 1), k.flatten(0, 1))
-        else:
-            logits = torch.bmm(q.transpose(-1, -2).flatten(0, 1), k.flatten(0, 1))
-        attn = torch.softmax(logits, dim=-1).view(batch, heads, num, num)
-        y = v @ attn.transpose(-1, -2)                                    # (B, h, d, N)
-        if self.rpa_mode is not None:
-            y = y + self._relative_values(attn, sizes)
-
-        out = self.output_conv(y.reshape(batch, heads * d, *sizes), output_size=list(x.shape[2:]))
+        terms = {}
+        if self.rpa_mode is not None:  # key term q_i . A_k[disp] and value term, through the taps of a
+            taps = self._taps(sizes, q.dtype, q.device)
+            a_k = torch.stack(list(self.a_k)).flatten(2)                      # (h, d, K')
+            a_v = torch.stack(list(self.a_v)).flatten(2)
+            terms = dict(query_term=Term(torch.einsum("bhcn,hck->bhnk", q, a_k), taps),
+                         value_term=Term(a_v.transpose(1, 2), taps))
+        y = relative_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), **terms,
+                               backend=self.backend, what=what)                # (B, h, N, d)
+        out = self.output_conv(y.transpose(-1, -2).reshape(batch, heads * d, *sizes), output_size=list(x.shape[2:]))
         return out + x if self.residual else out
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -761,34 +804,6 @@ class _MultiheadNonlocalNd(nn.Module):
     @property
     def _conv_fn(self):
         return (F.conv1d, F.conv2d, F.conv3d)[self.ndim - 1]
-
-    def _relative_logits(self, q: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        """q: (B, h, d, N) -> (B, h, N, N) with R[i, j] = q_i . A_k[disp(i, j)]."""
-        batch, heads, _, num = q.shape
-        a = torch.stack(list(self.a_k)).flatten(2)                         # (h, d, K')
-        m = self._map(sizes, q.dtype, q.device)                            # (P, K')
-        qa = torch.einsum("bhcn,hck->bhnk", q, a).reshape(batch * heads, num, -1)   # (B h, N, K')
-        if self._legacy(sizes):
-            index = _pair_index(sizes, self._table_shape(sizes), q.device)
-            pairs = (qa @ m.T).gather(-1, index.expand(batch * heads, num, num))
-        else:
-            pairs = _RelativeToPairs.apply(qa, m, sizes)
-        return pairs.reshape(batch, heads, num, num)
-
-    def _relative_values(self, attn: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        """attn: (B, h, N, N) -> (B, h, d, N) with Y[c, i] = sum_j attn[i, j] A_v[c, disp(i, j)]."""
-        batch, heads, num, _ = attn.shape
-        a = torch.stack(list(self.a_v)).flatten(2)                         # (h, d, K')
-        m = self._map(sizes, attn.dtype, attn.device)                      # (P, K')
-        flat = attn.reshape(batch * heads, num, num)
-        if self._legacy(sizes):
-            index = _pair_index(sizes, self._table_shape(sizes), attn.device)
-            grid = flat.new_zeros(batch * heads, num, m.shape[0]).scatter_add(
-                -1, index.expand(batch * heads, num, num), flat)
-            weights = grid @ m
-        else:
-            weights = _RelativeFromPairs.apply(flat, m, sizes)             # (B h, N, K')
-        return torch.einsum("hck,bhnk->bhcn", a, weights.reshape(batch, heads, num, -1))
 
 
 def _take_older(older: dict, suffix: str, value, default):
@@ -818,9 +833,9 @@ _DOC_ARGS = """
         rpa_zero_init: a_k, a_v start at 0 (else U(0, 1)).
         bug_compatible: reproduce the original's behaviour where trained weights depend on it (module
             docstring, bugs 2 and 3). Older spellings ``rasa_mode`` etc. are accepted.
-        backend: ``"auto"`` (default): the plain tensor-op formulation (module docstring);
-            ``"reference"``: the original's algorithm, per head with explicit index tables. Kept as
-            the ``backend`` attribute, which may be changed later.
+        backend: ``"auto"`` (default): the fused attention (module docstring; ``"sdpa"``, ``"flex"``,
+            ``"native"`` force one path); ``"reference"``: the original's algorithm, per head with explicit
+            index tables. Kept as the ``backend`` attribute, which may be changed later.
 
     state_dict: ``embed_conv.<t>.{weight,bias}``, ``output_conv.{weight,bias}``, and with an rpa_mode
     ``a_k.<t>``, ``a_v.<t>`` of shape (d, K) / (d, *rpa_kernel_size).

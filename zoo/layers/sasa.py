@@ -15,8 +15,11 @@ table and the padding.
 
 Backends (:mod:`zoo.ops.backend`; the four neighbourhood layers, not the stem): ``backend="auto"``
 (constructor argument, kept as the ``backend`` attribute) runs the native neighbourhood kernel where
-it builds (``ops/neighborhood_attn/``), else the unfold reference; ``"native"`` demands the kernel;
-``"reference"`` is the unfold formulation. ``forward(x, backend=None)`` overrides it for one call.
+it builds (``ops/neighborhood_attn/``), else the unfold reference; on CUDA, for windows of 5 x 5 and more,
+FlexAttention with a 2-D block mask (:func:`zoo.ops.neighborhood_attn.flex_supported`); ``"native"``
+demands the kernel; ``"flex"`` FlexAttention (not :class:`AttentionStem`, whose values are mixtures;
+CPU: inference only); ``"reference"`` is the unfold formulation. ``forward(x, backend=None)``
+overrides it for one call.
 
 ``bug_compatible`` (all three drop-in layers): the default is correct behaviour; ``True`` reproduces
 the original's defects exactly, which is what weights trained with them need:
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.ops.backend import check_backend
+from zoo.ops.backend import NEIGHBORHOOD_BACKENDS, check_backend
 from zoo.ops.neighborhood_attn import neighborhood_attention
 
 __all__ = ["RelativeSelfAttention", "AttentionConv", "AttentionStem", "SASAttention2d", "SASAttentionStem"]
@@ -114,7 +117,7 @@ class RelativeSelfAttention(nn.Module):
             raise ValueError(f"ks and stride must be >= 1, got ks={ks}, stride={stride}")
         self.d_in, self.d_out, self.ks, self.groups, self.stride = d_in, d_out, ks, groups, stride
         self.bug_compatible = bug_compatible
-        self.backend = check_backend(backend, what="RelativeSelfAttention backend")
+        self.backend = check_backend(backend, NEIGHBORHOOD_BACKENDS, "RelativeSelfAttention backend")
         self.qx = _Conv1x1(d_in, d_out)
         self.kx = _Conv1x1(d_in, d_out)
         self.vx = _Conv1x1(d_in, d_out)
@@ -189,7 +192,7 @@ class AttentionConv(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.bug_compatible = bug_compatible
-        self.backend = check_backend(backend, what="AttentionConv backend")
+        self.backend = check_backend(backend, NEIGHBORHOOD_BACKENDS, "AttentionConv backend")
         _leader_geometry(self)
         self.rel_h = nn.Parameter(torch.randn(out_channels // 2, 1, 1, kernel_size, 1))
         self.rel_w = nn.Parameter(torch.randn(out_channels // 2, 1, 1, 1, kernel_size))
@@ -319,7 +322,7 @@ class SASAttention2d(nn.Module):
             raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.heads, self.padding_mode = stride, heads, _PADDING_MODES[padding_mode]
-        self.backend = check_backend(backend, what="SASAttention2d backend")
+        self.backend = check_backend(backend, NEIGHBORHOOD_BACKENDS, "SASAttention2d backend")
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=bias)

@@ -6,6 +6,8 @@ Layout (NATTEN's convention: functional ops take ``backend=``, the layers in :mo
     zoo/ops/build.py              the build machinery: recipe, compile under a lock, cache, load, use_native
     zoo/ops/rpe_index.py          iRPE's index step: rpe_index_reference, rpe_index, fake kernels, autograd
     zoo/ops/neighborhood_attn.py  SASA's neighbourhood attention: reference, dispatcher, fake kernels, autograd
+    zoo/ops/relative_attn.py      fused attention with relative terms (iRPE, RPA, plain): reference, SDPA,
+                                  FlexAttention and native paths, the RPA original's attend ops
     ops/<name>/                   the kernel sources (C++ with OpenMP, CUDA), data, not Python
 
 Note that ``zoo.ops.build`` and ``zoo.ops.rpe_index`` are the functions of those names; import from
@@ -25,6 +27,8 @@ takes ``backend=``: ``"auto"`` (default), ``"native"`` or ``"reference"``. ``"au
 
 An explicit ``backend="native"`` or ``"reference"`` overrides ``"auto"``; a name outside
 :data:`BACKENDS` (or ``RELZOO_OPS=bogus``) is a :class:`zoo.errors.ConfigError` listing the valid ones.
+Attention layers and :func:`relative_attention` also take ``"sdpa"`` and ``"flex"``
+(:data:`zoo.ops.backend.ATTENTION_BACKENDS`), SASA's neighbourhood attention ``"flex"``.
 Build settings (``RELZOO_OPS_CUDA``, ``RELZOO_OPS_LOCK_TIMEOUT``, ``RELZOO_OPS_BUILD_TIMEOUT``,
 ``RELZOO_OPS_VERBOSE``, ``RELZOO_EXTENSIONS_DIR``) are listed in :data:`zoo.paths.ENVIRONMENT`.
 
@@ -61,11 +65,13 @@ from zoo.ops.backend import BACKENDS, check_backend, mode, resolve
 from zoo.ops.build import (MANIFEST, build, cuda_toolkit_home, get_op, load, native_available, on_load,
                            use_native)
 from zoo.ops.neighborhood_attn import neighborhood_attention, neighborhood_attention_reference
+from zoo.ops.relative_attn import relative_attention, relative_attention_reference
 from zoo.ops.rpe_index import rpe_index, rpe_index_reference
 from zoo.paths import extensions_dir
 
 __all__ = [
     "OpsError", "BACKENDS", "mode", "check_backend", "resolve", "extensions_dir", "build", "load", "get_op",
     "native_available", "use_native", "on_load", "cuda_toolkit_home", "MANIFEST", "rpe_index",
-    "rpe_index_reference", "neighborhood_attention", "neighborhood_attention_reference",
+    "rpe_index_reference", "neighborhood_attention", "neighborhood_attention_reference", "relative_attention",
+    "relative_attention_reference",
 ]

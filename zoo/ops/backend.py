@@ -14,6 +14,21 @@ Every op, and every layer with more than one implementation, takes ``backend=`` 
     the pure-torch reference formulation: readable, the definition; slow. Tests hold every other
     backend equal to it.
 
+Attention layers (:data:`ATTENTION_BACKENDS`: iRPE's ``RPEMultiheadAttention`` and ``RPEAttention``, RPA's
+``MultiheadNonlocal{1,2,3}d``, all through :func:`zoo.ops.relative_attn.relative_attention`) have two more:
+
+``"sdpa"``
+    ``torch.nn.functional.scaled_dot_product_attention``; relative terms enter as a float ``attn_mask``
+    built by the fast index step (with a value term, which needs the probabilities, the scores are
+    computed explicitly instead).
+``"flex"``
+    FlexAttention (``torch.nn.attention.flex_attention``, compiled): relative terms as a ``score_mod``
+    reading the small per-bucket tables inside the kernel; no L x L bias is materialised. CUDA, or
+    CPU inference (FlexAttention has no CPU backward).
+
+and there ``"auto"`` picks per device, dtype and shape (:func:`zoo.ops.relative_attn.choose_backend`);
+SASA's neighbourhood layers (:data:`NEIGHBORHOOD_BACKENDS`) have ``"flex"`` too (a 2-D block mask, CUDA).
+
 ``RELZOO_OPS`` is thus the process-wide meaning of ``"auto"``: ``RELZOO_OPS=reference`` runs every
 reference formulation and never compiles; ``RELZOO_OPS=native`` makes every native op mandatory
 (layers that have no native op keep their fast formulation).
@@ -32,6 +47,8 @@ from zoo.paths import env_choice
 
 BACKENDS = ("auto", "native", "reference")
 PURE_TORCH = ("auto", "reference")  # the backends of a layer without a native op
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "native", "reference")  # layers on zoo.ops.relative_attn
+NEIGHBORHOOD_BACKENDS = ("auto", "flex", "native", "reference")        # SASA's zoo.ops.neighborhood_attention
 
 
 def mode() -> str:

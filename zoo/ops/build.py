@@ -183,7 +183,8 @@ def _recipe(name: str, cuda: bool | None, source_dir: Path | None) -> _Recipe:
     if not folder.is_dir():
         known = sorted(p.name for p in ops_dir().iterdir() if p.is_dir()) if ops_dir().is_dir() else []
         raise OpsError(f"unknown native op {name!r}: no folder {folder} (known: {', '.join(known) or 'none'})")
-    use_cuda = _want_cuda(cuda)
+    # an op without CUDA sources (a CPU kernel only) is the same CPU build whatever CUDA is around
+    use_cuda = _want_cuda(cuda) and any(folder.glob("*.cu"))
     sources = sorted(folder.glob("*.cpp")) + (sorted(folder.glob("*.cu")) if use_cuda else [])
     if not any(s.suffix == ".cpp" for s in sources):
         raise OpsError(f"native op {name!r}: no *.cpp sources in {folder}")
@@ -542,7 +543,10 @@ def use_native(name: str, backend: str, device_type: str) -> bool:
         return False
     if choice == "auto":
         return native_available(name, device_type)
-    load(name)
+    # load once (afterwards a dict lookup, not the build recipe hashing the sources); under
+    # RELZOO_OPS=reference every time, since it is load() that refuses and says why
+    if name not in _LOADED or mode() == "reference":
+        load(name)
     if not _KERNELS[name].get(device_type, False):
         raise OpsError(f"native op '{name}' has no kernel for device type '{device_type}' (a CPU-only build?)")
     return True

@@ -25,15 +25,25 @@ Two implementations of one definition:
 * the native op ``torch.ops.relzoo.neighborhood_attn`` (+ ``_backward``) (``ops/neighborhood_attn/``,
   C++/OpenMP and CUDA), which keeps only the ``(B, G, Hq, Wq, K)`` probabilities for backward.
 
+and a third path for GPUs: FlexAttention (``"flex"``) over the flattened grids with a 2-D neighbourhood
+block mask (only blocks of 128 x 128 (query, key) pairs that hold window slots are computed) and the
+relative term as a ``score_mod`` reading ``q . rel`` per slot. It needs a head width of at least 16
+and has no value mixture (``mix``); on CPU it runs forward only.
+
 :func:`neighborhood_attention` chooses between them with the ``backend`` switch
-(:mod:`zoo.ops.backend`).
+(:mod:`zoo.ops.backend`, :data:`~zoo.ops.backend.NEIGHBORHOOD_BACKENDS`).
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from zoo.errors import ConfigError, OpsError
+from zoo.ops.backend import NEIGHBORHOOD_BACKENDS, check_backend, resolve
 from zoo.ops.build import on_load, use_native
+from zoo.ops.relative_attn import compiled_flex_attention, flex_available
 
 __all__ = ["neighborhood_attention", "neighborhood_attention_reference", "OP_NAME"]
 
@@ -171,19 +181,98 @@ def _register_native() -> None:
     torch.library.register_autograd(_FWD, backward, setup_context=setup_context)
 
 
+# ----------------------------------------------------------------------------------------------
+# FlexAttention: the window as a block mask, the relative term as a score_mod
+# ----------------------------------------------------------------------------------------------
+
+def flex_supported(q, mix) -> bool:
+    """Whether the FlexAttention path can run this call: no value mixture, head width >= 16 (its
+    kernels' smallest tile) and FlexAttention available on the device."""
+    return mix is None and q.shape[-1] >= 16 and flex_available(q.device)
+
+
+# Heuristic for backend="auto" on CUDA until a GPU run measures it (benchmarks/gpu.sh prints both paths):
+# FlexAttention computes whole 128 x 128 blocks, so it pays off for large windows only.
+_FLEX_MIN_SLOTS = 25
+
+
+def _window_geometry(hq, wq, hk, wk, kernel, stride, offset):
+    """(slot index, inside-window) of a flattened (query, key) pair, as functions of index tensors."""
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, offset
+
+    def slot(qi, ki):
+        a = ki // wk - (qi // wq) * sh - oh
+        b = ki % wk - (qi % wq) * sw - ow
+        return a, b
+
+    def inside(qi, ki):
+        a, b = slot(qi, ki)
+        return (a >= 0) & (a < kh) & (b >= 0) & (b < kw)
+
+    return slot, inside
+
+
+@lru_cache(maxsize=32)
+def _block_mask(hq, wq, hk, wk, kernel, stride, offset, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _, inside = _window_geometry(hq, wq, hk, wk, kernel, stride, offset)
+    return create_block_mask(lambda b, h, qi, ki: inside(qi, ki), None, None, hq * wq, hk * wk, device=device)
+
+
+def _flex(q, k, v, rel, mix, kernel, stride, offset):
+    if mix is not None:
+        raise ConfigError("neighborhood attention backend 'flex' has no value mixture (the SASA stem's mix); "
+                          "use 'auto', 'native' or 'reference'")
+    if not flex_available(q.device):
+        raise OpsError(f"neighborhood attention backend 'flex': FlexAttention is not available here "
+                       f"(torch {torch.__version__})")
+    if q.shape[-1] < 16:
+        raise ConfigError(f"neighborhood attention backend 'flex' needs a head width >= 16, got {q.shape[-1]}")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rel)):
+        raise ConfigError("neighborhood attention backend 'flex' on the CPU is inference only (FlexAttention has "
+                          "no CPU backward); use 'auto' or 'native' for training, or run under torch.no_grad()")
+    b, g, hq, wq, d = q.shape
+    hk, wk, dv = k.shape[2], k.shape[3], v.shape[-1]
+    kh, kw = kernel
+    slot, inside = _window_geometry(hq, wq, hk, wk, kernel, stride, offset)
+    score_mod = None
+    if rel is not None:
+        # q . rel per slot, (B, G, Lq, K): the relative term of every pair in the window
+        q_rel = torch.einsum("bgijd,gtd->bgijt", q, rel.to(q.dtype)).reshape(b, g, hq * wq, kh * kw)
+
+        def score_mod(score, bi, h, qi, ki):
+            a, c = slot(qi, ki)
+            index = (a.clamp(0, kh - 1) * kw + c.clamp(0, kw - 1))
+            return score + torch.where(inside(qi, ki), q_rel[bi, h, qi, index], 0.0)
+
+    out = compiled_flex_attention(q.device.type)(
+        q.reshape(b, g, hq * wq, d), k.reshape(b, g, hk * wk, d), v.reshape(b, g, hk * wk, dv),
+        score_mod=score_mod, block_mask=_block_mask(hq, wq, hk, wk, kernel, stride, offset, q.device), scale=1.0)
+    return out.reshape(b, g, hq, wq, dv)
+
+
 def neighborhood_attention(q, k, v, rel=None, mix=None, *, kernel_size, stride=1, offset=0,
                            backend: str = "auto") -> torch.Tensor:
     """Neighbourhood attention (module docstring for shapes and semantics).
 
-    ``backend`` (:mod:`zoo.ops.backend`): ``"auto"`` the native kernel when it builds and has one for
-    the device (per ``RELZOO_OPS``), else the reference; ``"native"`` the kernel or an
+    ``backend`` (:mod:`zoo.ops.backend`, :data:`~zoo.ops.backend.NEIGHBORHOOD_BACKENDS`): ``"auto"`` on CUDA
+    FlexAttention for windows of at least 25 slots when :func:`flex_supported` (not yet measured against
+    the CUDA kernel: ``benchmarks/gpu.sh``), else the native kernel when it builds and has one for the
+    device (per ``RELZOO_OPS``), else the reference; ``"flex"``; ``"native"`` the kernel or an
     :class:`~zoo.errors.OpsError`; ``"reference"`` :func:`neighborhood_attention_reference`.
     The native kernels compute in float32/float64; half and bfloat16 inputs run in float32 and are
     cast back. The native op has no double backward.
     """
     kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
     _check(q, k, v, rel, mix, kernel, stride)
-    if not use_native(OP_NAME, backend, q.device.type):
+    check_backend(backend, NEIGHBORHOOD_BACKENDS)
+    choice = resolve(backend, NEIGHBORHOOD_BACKENDS)
+    if choice == "flex" or (choice == "auto" and q.device.type == "cuda" and kernel[0] * kernel[1] >= _FLEX_MIN_SLOTS
+                            and flex_supported(q, mix)):
+        return _flex(q, k, v, rel, mix, kernel, stride, offset)
+    if not use_native(OP_NAME, "auto" if choice == "auto" else choice, q.device.type):
         return neighborhood_attention_reference(q, k, v, rel, mix, kernel_size=kernel, stride=stride, offset=offset)
     dtype = q.dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
