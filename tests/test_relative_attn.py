@@ -18,7 +18,7 @@ import torch
 
 from conftest import fixture_dir, load_case
 from zoo import ops
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, OpsError
 from zoo.layers import irpe, rpa
 from zoo.layers.irpe import RPEAttention, RPEMultiheadAttention, get_rpe_config, rpe_config_from_spec
 from zoo.layers.rpa import MultiheadNonlocal1d, MultiheadNonlocal2d, MultiheadNonlocal3d
@@ -236,7 +236,8 @@ def test_what_auto_chooses(native, monkeypatch):
     assert ra.choose_backend("sdpa", q, **terms) == "sdpa"                     # forced
     monkeypatch.setenv("RELZOO_OPS", "reference")
     assert ra.choose_backend("auto", q, **terms) == "reference"
-    assert ra.choose_backend("native", q, **terms) == "native"                  # explicit wins
+    with pytest.raises(OpsError, match="RELZOO_OPS=reference"):             # explicit native: says why not
+        ra.choose_backend("native", q, **terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
