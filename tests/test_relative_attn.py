@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import fixture_dir, load_case
+from conftest import fixture_dir, load_case, native_op
 from zoo import ops
 from zoo.errors import ConfigError, OpsError
 from zoo.layers import irpe, rpa
@@ -33,10 +33,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def native():
     """Build/load the op once; RELZOO_OPS=reference runs skip the native checks."""
-    if ops.mode() == "reference":
-        pytest.skip("RELZOO_OPS=reference: native op disabled")
-    ops.load(ra.OP_NAME)  # a build failure is a test failure, with the compiler output
-    return torch.ops.relzoo
+    return native_op(ra.OP_NAME)
 
 
 def assert_rel_close(actual, expected, rel, what=""):
