@@ -18,11 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-import zoo
-from zoo.paths import environment_table
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's registry, not another installed copy of zoo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-EXPORT_SUPPORT = README.parent / "docs" / "export_support.json"
+import zoo  # noqa: E402
+from zoo.paths import environment_table  # noqa: E402
+
+README = REPO / "README.md"
+EXPORT_SUPPORT = REPO / "docs" / "export_support.json"
 
 
 def model_table() -> str:
@@ -54,14 +57,9 @@ TABLES = {"model-table": model_table, "env-table": environment_table, "export-ta
 
 
 def render(text: str) -> str:
-    """README.md with every table of TABLES regenerated; a table whose two markers are both absent is left out
-    (named on stderr), so a new table can be added here before README has its section."""
     for name, make in TABLES.items():
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         head, sep, rest = text.partition(begin)
-        if not sep and end not in text:
-            print(f"README.md has no {begin} ... {end} markers: table '{name}' not shown", file=sys.stderr)
-            continue
         if not sep or end not in rest:
             raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
         text = f"{head}{begin}\n{make()}\n{end}{rest.split(end, 1)[1]}"

@@ -17,7 +17,10 @@ Plain files: GET (with ``Range: bytes=N-`` and ``If-Range`` support unless ``ran
 with an ``ETag`` derived from the content; 404 otherwise.
 ``truncate={path: n}`` (or an int for every file) sends only ``n`` bytes of a body while announcing
 its full Content-Length, then closes the connection. ``delay`` sleeps that many seconds between
-64 KiB chunks (to make two clients overlap).
+64 KiB chunks (to make two clients overlap). ``stall={path: (n, seconds)}`` sends the first ``n`` bytes
+of the first GET of ``path``, then goes silent for ``seconds`` (a stalled connection; later GETs are
+served normally); ``trickle`` sends every body one byte per that many seconds (a server too slow to
+ever finish).
 
 Hugging Face (what ``hf_hub_download`` asks for): ``HEAD/GET /{org}/{repo}/resolve/{rev}/{file}``
 with ``ETag`` (the sha256 of the content, quoted), ``X-Repo-Commit`` and ``Content-Length``; an
@@ -72,6 +75,8 @@ class Server:
     truncate: dict[str, int] | int | None = None
     ranges: bool = True
     delay: float = 0.0
+    stall: dict[str, tuple[int, float]] = field(default_factory=dict)
+    trickle: float = 0.0
     write_token: str | None = None
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -360,12 +365,18 @@ def _handler(server: Server, socket_timeout: float) -> type[BaseHTTPRequestHandl
             cut = server.truncation_for(path)
             if cut is not None:
                 body = body[:cut]
+            stall = server.stall.get(path) if server.count("GET", path) == 1 else None
             try:
-                for i in range(0, len(body), _CHUNK):
-                    self.wfile.write(body[i:i + _CHUNK])
+                if stall is not None:
+                    self.wfile.write(body[:stall[0]])
                     self.wfile.flush()
-                    if server.delay:
-                        time.sleep(server.delay)
+                    time.sleep(stall[1])
+                    body = body[stall[0]:]
+                for i in range(0, len(body), 1 if server.trickle else _CHUNK):
+                    self.wfile.write(body[i:i + (1 if server.trickle else _CHUNK)])
+                    self.wfile.flush()
+                    if server.delay or server.trickle:
+                        time.sleep(server.delay or server.trickle)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up; nothing to clean up
             if cut is not None:
@@ -377,10 +388,12 @@ def _handler(server: Server, socket_timeout: float) -> type[BaseHTTPRequestHandl
 @contextlib.contextmanager
 def serve(files: dict[str, bytes] | None = None, *, hf_repos: dict[str, dict[str, bytes]] | None = None,
           commit: str = DEFAULT_COMMIT, truncate: dict[str, int] | int | None = None, ranges: bool = True,
-          delay: float = 0.0, socket_timeout: float = 10.0, write_token: str | None = None) -> Iterator[Server]:
+          delay: float = 0.0, socket_timeout: float = 10.0, write_token: str | None = None,
+          stall: dict[str, tuple[int, float]] | None = None, trickle: float = 0.0) -> Iterator[Server]:
     """Run a server on 127.0.0.1 for the duration of the ``with`` block (see the module docstring)."""
     state = Server(host="127.0.0.1", port=0, files=dict(files or {}), hf_repos={k: dict(v) for k, v in (hf_repos or {}).items()},
-                   commit=commit, truncate=truncate, ranges=ranges, delay=delay, write_token=write_token)
+                   commit=commit, truncate=truncate, ranges=ranges, delay=delay, write_token=write_token,
+                   stall=dict(stall or {}), trickle=trickle)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state, socket_timeout))
     httpd.daemon_threads = True
     httpd.timeout = socket_timeout

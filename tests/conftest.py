@@ -20,6 +20,18 @@ def fixture_dir(family: str) -> Path:
     return path
 
 
+def native_op(name: str):
+    """``torch.ops.relzoo`` with the native op ``name`` built and loaded (a build failure is a test failure, with
+    the compiler output); skips under ``RELZOO_OPS=reference``, where native ops are disabled."""
+    import torch
+    from zoo import ops
+
+    if ops.mode() == "reference":
+        pytest.skip("RELZOO_OPS=reference: native ops disabled")
+    ops.load(name)
+    return torch.ops.relzoo
+
+
 def load_case(family: str, case: str):
     """Read ``<case>.json`` and ``<case>.safetensors``: returns ``(meta: dict, tensors: dict[str, Tensor])``."""
     from safetensors.torch import load_file

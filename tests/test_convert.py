@@ -260,7 +260,7 @@ def test_renames_drops_transforms_hooks_and_num_batches_tracked(tmp_path):
                        {"match": r"^c1d\.weight$", "op": "squeeze_last"},
                        {"match": r"^t\.weight$", "op": "transpose_last2"},
                        {"match": r"^neg$", "op": "negate_for_test"}],
-        "hooks": {"state_dict": "test_convert:state_dict_hook"}, "num_batches_tracked": "fill"}))
+        "hooks": {"state_dict": "test_convert:state_dict_hook"}, "num_batches_tracked": "fill"}), trust_map=True)
     checkpoint = {"model": {
         "module.base.E_conv.weight": torch.ones(4, 3, 3, 3), "module.proj.weight": torch.ones(2, 2),
         "module.aux.weight": torch.ones(1), "module.c1d.weight": torch.ones(5, 4, 1),
@@ -282,7 +282,7 @@ def test_renames_drops_transforms_hooks_and_num_batches_tracked(tmp_path):
 
 
 def test_convert_checkpoint_builds_target_through_registry(tmp_path, monkeypatch):
-    """Without ``model=``, the target comes from create_model with hook kwargs updated by model_kwargs."""
+    """Without ``model=``, the named target comes from create_model with hook kwargs updated by model_kwargs."""
     source = _tiny_resnet(num_classes=7)
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": _no_nbt(source.state_dict()), "args": argparse.Namespace(num_classes=7)}, path)
@@ -296,14 +296,15 @@ def test_convert_checkpoint_builds_target_through_registry(tmp_path, monkeypatch
 
     monkeypatch.setattr(zoo.factory, "create_model", fake_create_model)
     cmap = ConversionMap.from_dict({"name": "toy", "target_model": "toy_model", "container": ["state_dict"],
-                                    "hooks": {"model_kwargs": "test_convert:kwargs_hook"}})
-    out = convert_checkpoint(path, cmap, tmp_path / "out", model_kwargs={"zero_init_residual": True})
+                                    "hooks": {"model_kwargs": "test_convert:kwargs_hook"}}, trust_map=True)
+    out = convert_checkpoint(path, cmap, tmp_path / "out", model_name="toy_model",
+                             model_kwargs={"zero_init_residual": True})
     assert calls == [("toy_model", {"num_classes": 7, "width_div": 16, "zero_init_residual": True})]
     config = json.loads((out / "config.json").read_text())
     assert config["kwargs"] == {"num_classes": 7, "width_div": 16, "zero_init_residual": True}
 
     # Converting again replaces the earlier conversion; a folder with other content is refused.
-    convert_checkpoint(path, cmap, out)
+    convert_checkpoint(path, cmap, out, model_name="toy_model")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConversionError, match="not empty"):

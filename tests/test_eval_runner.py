@@ -1,5 +1,6 @@
 """The evaluation runner: sharding without duplicates, gathering in order, equal results for 1 and 2 processes."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from zoo.config import ReportedMetric
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.runner import EvalResult, _compare
@@ -49,10 +51,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     script = tmp_path / "toy_eval.py"
     script.write_text(TOY)
     single, double = tmp_path / "single.json", tmp_path / "double.json"
-    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300)
+    # this checkout's zoo, whether or not (and wherever) the package is installed
+    env = {**os.environ, "RELZOO_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300, env=env)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(double)], capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "RELZOO_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"})
+                             str(script), str(double)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(single.read_text()) == json.loads(double.read_text())
     assert json.loads(single.read_text())["n"] == 37
@@ -74,3 +78,16 @@ def test_compare_matches_reported_rows_by_metric_and_dataset():
     assert rows[1].reported is None
     table = EvalResult("m", "tag", "imagenet", "imagenet", 10, True, rows).table()
     assert "| top1 | 80.00 | 79.50 | -0.50 | paper |" in table and "--limit" in table
+
+
+def test_shard_batches_deals_the_one_process_batches_whole():
+    from zoo.eval.runner import shard_batches
+
+    one = shard_batches(21, 8, 0, 1)
+    assert one == [list(range(0, 8)), list(range(8, 16)), list(range(16, 21))]
+    for world in (2, 3, 5):
+        shards = [shard_batches(21, 8, rank, world) for rank in range(world)]
+        assert sorted(b for shard in shards for b in shard) == one  # the same batches, each once
+        assert shards[0][0] == one[0] and (world < 4 or shards[3] == [])
+    with pytest.raises(ValueError, match="batch_size"):
+        shard_batches(10, 0, 0, 1)

@@ -210,3 +210,28 @@ def test_backbone_for_training_from_scratch():
     assert {n.split(".")[0] for n, p in original.named_parameters() if p.requires_grad} == {"layer2", "layer3", "layer4"}
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         build_detr(trainable_backbone_layers=7, **small)
+
+
+def test_what_follows_the_backbone_does_not_depend_on_padding():
+    """The feature mask, the sine positions (normalised by each image's own valid size), the iRPE buckets of the
+    padded grid and key_padding_mask in encoder and decoder make a valid token's outputs independent of how much
+    padding its batch adds (spec irpe §5): the same features alone or padded into a bigger batch give the same
+    memory at valid positions and the same decoder outputs. Padding enters DETR only through the backbone's
+    border (the CNN sees the padded pixels), as in the original."""
+    from zoo.models.detr import PositionEmbeddingSine, Transformer
+
+    torch.manual_seed(0)
+    transformer = Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                              dropout=0.0, return_intermediate_dec=True, enc_rpe2d="rpe-2.0-product-ctx-1-k").eval()
+    position = PositionEmbeddingSine(16, normalize=True)
+    queries = torch.randn(6, 32)
+    small, big = torch.randn(1, 32, 5, 7), torch.randn(1, 32, 9, 6)
+    with torch.no_grad():
+        alone_hs, alone_memory = transformer(small, torch.zeros(1, 5, 7, dtype=torch.bool), queries,
+                                             position(torch.zeros(1, 5, 7, dtype=torch.bool)))
+        batch, mask = torch.zeros(2, 32, 9, 7), torch.ones(2, 9, 7, dtype=torch.bool)
+        batch[0, :, :5, :7], mask[0, :5, :7] = small[0], False
+        batch[1, :, :9, :6], mask[1, :9, :6] = big[0], False
+        hs, memory = transformer(batch, mask, queries, position(mask))
+    torch.testing.assert_close(hs[:, :1], alone_hs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(memory[:1, :, :5, :7], alone_memory, atol=1e-5, rtol=1e-5)

@@ -9,8 +9,8 @@ import torch
 from conftest import fixture_dir, load_case
 from zoo.layers import irpe
 from zoo.layers.irpe import (METHOD, RPEAttention, RPEMultiheadAttention, build_rpe, get_bucket_ids_2d,
-                             get_rpe_config, iRPE, iRPE_Cross, parse_rpe_spec, piecewise_index,
-                             rpe_config_from_spec)
+                             get_bucket_ids_2d_without_skip, get_rpe_config, iRPE, iRPE_Cross, parse_rpe_spec,
+                             piecewise_index, rpe_config_from_spec)
 from zoo.ops import rpe_index, rpe_index_reference
 
 FAMILY = "irpe"
@@ -64,10 +64,15 @@ def test_bucket_id_tables():
         ratio = float(".".join(parts[2:-2])[1:])
         h, w = (int(x) for x in parts[-2][1:].split("w"))
         skip = int(parts[-1][len("skip"):])
-        got = get_bucket_ids_2d(meta["method_ids"][method], h, w, skip, ratio, 2 * ratio, 8 * ratio)
+        got, num_buckets = get_bucket_ids_2d(meta["method_ids"][method], h, w, skip, ratio, 2 * ratio, 8 * ratio)
         assert torch.equal(got, t[key].long()), f"{key}: {(got != t[key].long()).sum()} ids differ"
         info = meta["buckets"][key]
         assert got.unique().numel() == info["distinct_ids_used"]
+        assert num_buckets == info["num_buckets_incl_skip"], key
+        if skip == 0:  # the original's (bucket_ids, num_buckets, L)
+            ids, without_skip, length = get_bucket_ids_2d_without_skip(meta["method_ids"][method], h, w, ratio,
+                                                                       2 * ratio, 8 * ratio)
+            assert torch.equal(ids, got) and (without_skip, length) == (num_buckets, h * w)
         cfg = get_rpe_config(ratio, {"cross_rows": "cross", "cross_cols": "cross"}.get(method, method),
                              "ctx", True, skip, "k")
         assert cfg.rpe_k.num_buckets == info["num_buckets_incl_skip"], key
@@ -157,7 +162,7 @@ def test_bucket_cache_keyed_by_length():
 def test_quant_ctx_native_index_fixed():
     """quant + ctx on q/k crashed in the original with the native op (int32 ids); ours builds int32 ids fine."""
     ids32 = irpe._cached_bucket_ids(METHOD.QUANT, 5, 7, 2, 2.5, 5.0, 20.0, torch.int32, "cpu")
-    ids64 = get_bucket_ids_2d(METHOD.QUANT, 5, 7, 2, 2.5, 5.0, 20.0)
+    ids64, _ = get_bucket_ids_2d(METHOD.QUANT, 5, 7, 2, 2.5, 5.0, 20.0)
     assert ids32.dtype == torch.int32 and torch.equal(ids32.long(), ids64)
 
 

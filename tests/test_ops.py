@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import zoo.ops as ops
+from conftest import native_op
 import zoo.paths
 from zoo._fs import file_lock
 from zoo.errors import OpsError
@@ -87,10 +88,7 @@ def cpu_build() -> Path:
 @pytest.fixture(scope="module")
 def native():
     """The native op loaded into this process (with CUDA kernels where a GPU is present)."""
-    if os.environ.get("RELZOO_OPS", "auto") == "reference":
-        pytest.skip("RELZOO_OPS=reference: native ops disabled")
-    ops.load("rpe_index")
-    return torch.ops.relzoo
+    return native_op("rpe_index")
 
 
 def random_case(lead=(2, 3), Lq=6, Lk=9, nb=5, dtype=torch.float64, index_dtype=torch.int64, device="cpu", seed=0):

@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import fixture_dir, load_case
+from conftest import fixture_dir, load_case, native_op
 from zoo import ops
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, OpsError
 from zoo.layers import irpe, rpa
 from zoo.layers.irpe import RPEAttention, RPEMultiheadAttention, get_rpe_config, rpe_config_from_spec
 from zoo.layers.rpa import MultiheadNonlocal1d, MultiheadNonlocal2d, MultiheadNonlocal3d
@@ -33,10 +33,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def native():
     """Build/load the op once; RELZOO_OPS=reference runs skip the native checks."""
-    if ops.mode() == "reference":
-        pytest.skip("RELZOO_OPS=reference: native op disabled")
-    ops.load(ra.OP_NAME)  # a build failure is a test failure, with the compiler output
-    return torch.ops.relzoo
+    return native_op(ra.OP_NAME)
 
 
 def assert_rel_close(actual, expected, rel, what=""):
@@ -236,7 +233,8 @@ def test_what_auto_chooses(native, monkeypatch):
     assert ra.choose_backend("sdpa", q, **terms) == "sdpa"                     # forced
     monkeypatch.setenv("RELZOO_OPS", "reference")
     assert ra.choose_backend("auto", q, **terms) == "reference"
-    assert ra.choose_backend("native", q, **terms) == "native"                  # explicit wins
+    with pytest.raises(OpsError, match="RELZOO_OPS=reference"):             # explicit native: says why not
+        ra.choose_backend("native", q, **terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -211,8 +211,10 @@ def test_market1501_checkpoint_gives_751_classes():
     assert kwargs_from_checkpoint(checkpoint) == {"num_classes": 751}
 
 
-def test_wrong_variant_is_reported_with_the_model_to_use(tmp_path):
+def test_variant_is_detected_and_a_wrong_one_reported_with_the_model_to_use(tmp_path):
     src = tmp_path / "checkpoint_600.pth.tar"
     write_original_checkpoint(src, "rgas_cuhk03", 767)
+    out = convert_checkpoint(src, "rga", tmp_path / "out")  # no --model: the keys say RGA-S
+    assert json.loads((out / "config.json").read_text())["model"] == "rga_s_resnet50"
     with pytest.raises(ConversionError, match="--model rga_s_resnet50"):
-        convert_checkpoint(src, "rga", tmp_path / "out")
+        convert_checkpoint(src, "rga", tmp_path / "wrong", model_name="rga_sc_resnet50")

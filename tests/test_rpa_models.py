@@ -1,6 +1,8 @@
 """RPA family models: the rpa_sa CIFAR toy (converted from the original's .pt) and the hand-raising detector."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,9 +29,12 @@ def _check_toy(model, meta, t):
 def test_toy_converts_from_original_checkpoint_and_matches(tmp_path):
     meta, t = load_case("rpa", "toy_cifar_rpanet")
     src = fixture_dir("rpa") / "toy_cifar_rpanet.pt"
-    out_dir = convert_checkpoint(src, "rpa-toy", tmp_path / "toy")
+    out_dir = convert_checkpoint(src, out_dir=tmp_path / "toy")  # a bare state dict: map and model detected
+    config = json.loads((out_dir / "config.json").read_text())
+    assert (config["model"], config["converter"]) == ("rpa_cifar_toy", "rpa-toy")
+    assert config["kwargs"]["bug_compatible"] is True  # the original's behaviour, recorded with its weights
     model = zoo.create_model("rpa_cifar_toy", weights=str(out_dir))
-    assert not model.training
+    assert not model.training and model.nl1[0].bug_compatible
     _check_toy(model, meta, t)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo import ops
+from conftest import native_op
 from zoo.errors import OpsError
 from zoo.ops import neighborhood_attn
 from zoo.ops.neighborhood_attn import neighborhood_attention, neighborhood_attention_reference
@@ -13,10 +13,7 @@ from zoo.ops.neighborhood_attn import neighborhood_attention, neighborhood_atten
 @pytest.fixture(scope="module")
 def native():
     """Build/load the op once; RELZOO_OPS=reference runs skip the native checks."""
-    if ops.mode() == "reference":
-        pytest.skip("RELZOO_OPS=reference: native op disabled")
-    ops.load(neighborhood_attn.OP_NAME)  # a build failure is a test failure, with the compiler output
-    return torch.ops.relzoo
+    return native_op(neighborhood_attn.OP_NAME)
 
 
 def _inputs(b, g, hq, wq, hk, wk, d, dv, kernel, m=0, rel=True, dtype=torch.float64, seed=0):

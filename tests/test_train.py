@@ -4,6 +4,7 @@ goes down when one batch is repeated, training is reproducible, the output folde
 Small models only (a few thousand parameters) and one torch thread: on a shared 2-core machine
 extra threads only add contention.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -241,6 +242,54 @@ def test_deterministic_mode_restores_what_it_changes(monkeypatch):
     with _Deterministic(seed=3):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_same_size_batches_group_that_share_of_detection_batches(data, tmp_path):
+    """--same-size-batches: that share of the samples is cut into batches sorted by (resized) size, which a
+    detector sees unpadded; the rest stay random; every epoch still uses each sample at most once."""
+    name, kwargs, pre = DETR
+    model = zoo.create_model(name, **kwargs)
+    common = dict(batch_size=2, seed=0, preprocessing=pre, model_kwargs=kwargs)
+    plain = build_task(model, model_info(name), data("shapes-det"), **common)
+    grouped = build_task(model, model_info(name), data("shapes-det"), same_size_batches=1.0, **common)
+    assert plain.epoch_indices(0) == build_task(model, model_info(name), data("shapes-det"), same_size_batches=0,
+                                                **common).epoch_indices(0)
+    batches = grouped.epoch_indices(0)
+    assert sorted(i for b in batches for i in b) == list(range(len(grouped)))  # 12 images, batches of 2
+
+    def padding(batch):
+        sizes = [grouped.sample_size(i) for i in batch]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        return sum(height * width - h * w for h, w in sizes)
+
+    assert sum(map(padding, batches)) < sum(map(padding, plain.epoch_indices(0)))
+    images = next(iter(grouped.batches(0)))[0]
+    assert [tuple(im.shape[1:]) for im in images] == [grouped.sample_size(i) for i in batches[0]]
+    # recorded, and refused where batches are not padded
+    out = train(name, data("shapes-det"), tmp_path / "grouped", epochs=1, batch_size=2, lr=1e-4, limit=4, log=None,
+                preprocessing=pre, same_size_batches=0.5, **kwargs)
+    assert json.loads((out / "config.json").read_text())["train"]["same_size_batches"] == 0.5
+    cls_name, cls_kwargs, cls_pre = CLS
+    with pytest.raises(ValueError, match="same_size_batches"):
+        build_task(zoo.create_model(cls_name, **cls_kwargs), model_info(cls_name), data("shapes-cls"), batch_size=4,
+                   preprocessing=cls_pre, same_size_batches=0.5)
+
+
+def test_weights_start_from_a_trained_folder_and_are_recorded_with_their_sha256(data, tmp_path):
+    name, kwargs, pre = CLS
+    common = dict(epochs=1, batch_size=4, lr=1e-3, limit=4, preprocessing=pre, log=None, plots=False, **kwargs)
+    first = train(name, data("shapes-cls"), tmp_path / "first", seed=0, **common)
+    tuned = train(name, data("shapes-cls"), tmp_path / "tuned", seed=0, weights=str(first), **common)
+    record = json.loads((tuned / "config.json").read_text())["train"]
+    assert (record["initial_weights"], record["initial_weights_sha256"]) == \
+        (str(first), hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest())
+    from zoo.cli import build_parser  # --init (the name the detr_irpe_mini recipe first used) is --weights
+
+    parsed = build_parser().parse_args(["train", name, "--data", "D", "--out", "O", "--init", str(first)])
+    assert parsed.weights == str(first)
+    again = train(name, data("shapes-cls"), tmp_path / "again", seed=0, **common)  # from scratch: not the tuned weights
+    a, b = _state(tuned), _state(again)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fine_tuning_pretrained_weights_on_new_classes(tmp_path):

@@ -53,7 +53,7 @@ def test_bucket_map_has_num_buckets_distinct_values():
     assert ids.unique().numel() == rpe.num_buckets == 81
     assert ids[10, 10] == 40  # the zero offset is the centre bucket (4 * 9 + 4)
     # the same row of the full (L, L) map, and the q table reads the pair the other way round
-    full = get_bucket_ids_2d(METHOD.PRODUCT, 21, 21, 0, 2.0, 4.0, 16.0)
+    full, _ = get_bucket_ids_2d(METHOD.PRODUCT, 21, 21, 0, 2.0, 4.0, 16.0)
     assert torch.equal(ids.flatten(), full[10 * 21 + 10])
     assert torch.equal(bucket_map(rpe, 21, 21, (3, 5), reverse=True).flatten(), full[:, 3 * 21 + 5])
     # cross: each half has 2 beta + 1 buckets, all of them on a large enough map

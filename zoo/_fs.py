@@ -6,7 +6,8 @@
 - :func:`replace_dir`: the same for a whole folder;
 - :func:`file_lock`: an exclusive inter-process lock on ``<path>`` with a timeout; the kernel releases
   it when the holder dies, so a crashed process never blocks the next one;
-- :func:`first_line`: the first non-blank line of an error message, for one-line reports.
+- :func:`first_line`: the first non-blank line of an error message, for one-line reports;
+- :func:`utf8_text`: a text (a file name) that can be written as UTF-8.
 
 Only the standard library and :mod:`zoo.errors` are imported here.
 """
@@ -73,6 +74,12 @@ def first_line(text: BaseException | str) -> str:
     if lines:
         return lines[0][:300]
     return type(text).__name__ if isinstance(text, BaseException) else ""
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (the undecodable bytes of a file name, kept by Python as lone
+    surrogates) written as ``\\udcxx`` escapes, so it can go into a JSON file, a model card or metadata."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _holder(lock_path: Path) -> str:

@@ -5,8 +5,9 @@ module imports only the standard library and zoo modules that need no torch, so 
 every command answers at once; each handler imports what it runs inside its function, after
 parsing (the one place where zoo modules are imported inside functions, for start-up time).
 
-Every failure RelZoo reports on purpose (:class:`~zoo.errors.ZooError`, bad arguments)
-ends as one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+Every failure ends as one line on stderr: a failure RelZoo reports on purpose
+(:class:`~zoo.errors.ZooError`, bad arguments) with exit code 2, anything else (a bug) with exit
+code 1. ``--debug`` prints the whole message and the traceback instead.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 from zoo.data.synthetic import DATASETS, SIZES, SPLITS, SUMMARIES, make_dataset, summary
-from zoo.errors import ZooError
+from zoo._fs import first_line
+from zoo.errors import ConfigError, ZooError
 from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.paths import disable_progress_bars
 from zoo.registry import format_info, list_models, model_info, split_name
@@ -37,13 +40,29 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _json_object(text: Optional[str], flag: str) -> Optional[dict]:
+    """The JSON object an option holds (None when not given); anything else is a ConfigError naming the option."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} is not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def _cmd_convert(args) -> int:
     from zoo.factory import convert_checkpoint
+    from zoo.hub import read_folder_config
 
-    kwargs = json.loads(args.kwargs) if args.kwargs else None
+    kwargs = _json_object(args.kwargs, "--kwargs")
     out = convert_checkpoint(args.src, args.from_map, args.out, model_name=args.model, model_kwargs=kwargs,
-                             strict=not args.non_strict)
-    print(f"converted {args.src} -> {out}")
+                             strict=not args.non_strict, ema=args.ema, trust_map=args.trust_map,
+                             allow_nonfinite=args.allow_nonfinite)
+    config = read_folder_config(out)
+    print(f"converted {args.src} -> {out} (model {config['model']}, map {config['converter']})")
     return 0
 
 
@@ -82,7 +101,7 @@ def _cmd_predict(args) -> int:
 def _cmd_eval(args) -> int:
     from zoo.eval.runner import evaluate
 
-    options = json.loads(args.options) if args.options else None
+    options = _json_object(args.options, "--options")
     result = evaluate(args.name, args.data, weights=args.weights, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, limit=args.limit, out=args.out, options=options, plots=not args.no_plots)
     if result is not None:
@@ -93,10 +112,8 @@ def _cmd_eval(args) -> int:
 def _cmd_train(args) -> int:
     from zoo.train import train
 
-    overrides = json.loads(args.kwargs) if args.kwargs else {}
-    preprocessing = json.loads(args.preprocessing) if args.preprocessing else None
-    if not isinstance(overrides, dict):
-        raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    overrides = _json_object(args.kwargs, "--kwargs") or {}
+    preprocessing = _json_object(args.preprocessing, "--preprocessing")
     validate = None
     if args.validate:
         from zoo.eval.runner import evaluate
@@ -108,6 +125,7 @@ def _cmd_train(args) -> int:
                 seed=args.seed, limit=args.limit, device=args.device, weight_decay=args.weight_decay,
                 lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, num_instances=args.num_instances,
                 preprocessing=preprocessing, plots=not args.no_plots, validate=validate, weights=args.weights,
+                same_size_batches=args.same_size_batches,
                 **overrides)
     print(f"wrote {out}")
     return 0
@@ -183,14 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert an original checkpoint to safetensors",
                        description="Convert an original project's checkpoint into a RelZoo folder "
-                                   "(model.safetensors + config.json + README.md).")
-    p.add_argument("--from", dest="from_map", required=True, metavar="FAMILY",
-                   help="conversion map in convert/ (e.g. rga, rsa, irpe-detr, irpe-deit, sasa-leader, torchvision-resnet)")
+                                   "(model.safetensors + config.json + README.md). The target model and map are "
+                                   "read from what the checkpoint records (DETR/DeiT args, leaderj1001 arch), "
+                                   "else found by its key/shape signature among the registered models.")
+    p.add_argument("--from", dest="from_map", metavar="MAP",
+                   help="conversion map in convert/ (e.g. rga, rsa, irpe-detr, irpe-deit, sasa-leader, torchvision-resnet; "
+                        "default: detected)")
     p.add_argument("src", help="original checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", help="target model name (default: the map's target_model)")
+    p.add_argument("--model", help="target model name (default: detected; needed only when several fit)")
+    p.add_argument("--ema", action="store_true", help="convert the checkpoint's EMA weights (model_ema)")
     p.add_argument("--kwargs", help="JSON constructor kwargs of the target model, e.g. '{\"num_classes\": 751}'")
     p.add_argument("--non-strict", action="store_true", help="report but allow missing/unexpected keys")
+    p.add_argument("--trust-map", action="store_true",
+                   help="--from is a map file of your own whose hooks may run any Python function (a map is code: "
+                        "without this only RelZoo's registered hooks run)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights that hold NaN or inf")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="write a Hugging Face-ready folder, an ONNX model or a torch.export program",
@@ -242,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train", help="train a model on a dataset (deterministic on CPU)",
-        description="Train a registered model from scratch with its family's loss (set loss for DETR, "
-                    "CE + triplet for re-id, CE for classification and video) on a dataset in the format "
-                    "of its eval protocol, and write model.safetensors + config.json + README.md.")
+        description="Train a registered model from scratch (or fine-tune --weights) with its family's loss "
+                    "(set loss for DETR, CE + triplet for re-id, CE for classification and video) on a dataset in "
+                    "the format of its eval protocol, and write model.safetensors + config.json + README.md.")
     p.add_argument("name", help="registered model name")
     p.add_argument("--data", required=True, help="dataset root (the train split is read)")
     p.add_argument("--out", required=True, help="output folder")
@@ -256,11 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="gradient clipping (default: 0.1 for DETR, none otherwise; 0 = off)")
     p.add_argument("--num-instances", type=int, default=4, help="re-id: K images per identity in a batch")
+    p.add_argument("--same-size-batches", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="detection: this share of each epoch's batches holds images of (nearly) one size, so they "
+                        "are not padded; a detector trained only on padded batches depends on the padding (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="train on the first N samples only")
     p.add_argument("--kwargs", help="JSON constructor kwargs over the config's, e.g. '{\"num_classes\": 10}'")
-    p.add_argument("--weights", help="fine-tune these weights (a tag, path, URL or hf://) instead of starting from "
-                                     "scratch; with --kwargs '{\"num_classes\": N}' the classifier starts new")
+    p.add_argument("--weights", "--init", dest="weights",
+                   help="fine-tune these weights (a tag, path, URL or hf://) instead of starting from "
+                        "scratch; with --kwargs '{\"num_classes\": N}' the classifier starts new (--init: the same)")
     p.add_argument("--preprocessing", help="JSON overrides of the config's preprocessing, e.g. '{\"input_size\": [64, 32]}'")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--validate", action="store_true",
@@ -330,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         if command is not data:  # `data` only holds its actions
             command.add_argument("--quiet", action="store_true",
                                  help="no progress bars (shown by default on a terminal, on stderr)")
+            command.add_argument("--debug", action="store_true",
+                                 help="on an error, print the whole message and the traceback (default: one line)")
     return parser
 
 
@@ -340,15 +372,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         disable_progress_bars()
     try:
         return args.func(args)
-    except ZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        reported = isinstance(exc, (ZooError, FileNotFoundError))  # what RelZoo reports on purpose
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        else:
+            print(_one_line(exc, reported), file=sys.stderr)
+        return 2 if reported else 1
+
+
+def _one_line(exc: BaseException, reported: bool) -> str:
+    """The error as one line: its message's first line, and where the rest is."""
+    text = first_line(exc)
+    if not reported:
+        return f"error: {type(exc).__name__}: {text} (a bug in RelZoo; --debug shows the traceback)"
+    more = len([line for line in str(exc).splitlines() if line.strip()]) - 1
+    return f"error: {text}" + (f" ({more} more lines: --debug)" if more > 0 else "")
 
 
 if __name__ == "__main__":

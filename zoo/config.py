@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -232,6 +233,81 @@ class ModelConfig:
         tag = tag or self.default_weights
         rows = [r for r in self.reported if r.weights == tag]
         return rows or [r for r in self.reported if r.weights is None]
+
+
+# --------------------------------------------------------------------------------------------
+# Constructor kwargs from files: bounded before anything is built
+# --------------------------------------------------------------------------------------------
+
+#: The largest value a checkpoint or a RelZoo folder's ``config.json`` may give each constructor kwarg
+#: that sizes a tensor (list values: each element). These are counts and widths a hostile file could
+#: otherwise set to ask for terabytes (``num_classes: 1e11``, 10^8 blocks in a stage); kwargs the
+#: caller passes in code are not bounded. Every other integer is bounded by :data:`MAX_KWARG_INT`.
+KWARG_LIMITS: dict[str, int] = {
+    "num_classes": 100_000, "num_queries": 100_000,
+    "layers": 256, "backbone_layers": 256, "depth": 256, "enc_layers": 256, "dec_layers": 256,
+    "hidden_dim": 16_384, "embed_dim": 16_384, "fpn_channels": 16_384, "hidden_channels": 16_384,
+    "dim_feedforward": 65_536, "representation_size": 65_536,
+    "nheads": 1024, "num_heads": 1024, "heads": 1024, "nh": 1024, "stem_heads": 1024, "stem_mixtures": 1024,
+    "height": 8192, "width": 8192, "img_size": 8192, "min_size": 8192, "max_size": 8192, "patch_size": 8192,
+    "kernel_size": 255, "rpa_kernel_size": 255, "num_segments": 1024, "in_chans": 1024, "anchor_sizes": 8192,
+    "width_div": 64, "backbone_width_div": 64,
+}
+MAX_KWARG_INT = 1 << 20      # any other integer, in absolute value
+MAX_KWARG_ITEMS = 64         # entries of a list or mapping
+MAX_KWARG_TEXT = 1000        # characters of a string
+MAX_KWARG_DEPTH = 4          # nesting of lists and mappings
+
+
+def check_file_kwargs(kwargs: Any, where: str, error: type[Exception] = ConfigError) -> dict:
+    """``kwargs`` (constructor kwargs read from a file: a checkpoint, a folder's config.json) as a dict,
+    checked before any model is built: JSON-like values only (no NaN/inf), every size of
+    :data:`KWARG_LIMITS` an integer in ``[0, limit]``, other integers, lists and strings bounded.
+
+    Raises ``error`` naming ``where``, the key and the bound."""
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise error(f"{where}: constructor kwargs must be a mapping with string keys, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        _check_kwarg(value, key, KWARG_LIMITS.get(key), where, error, depth=0)
+    return dict(kwargs)
+
+
+def _check_kwarg(value: Any, key: str, limit: Optional[int], where: str, error: type[Exception], depth: int) -> None:
+    def fail(problem: str) -> Exception:
+        return error(f"{where}: kwarg '{key}' {problem}")
+
+    if isinstance(value, bool) or value is None:
+        if limit is not None and isinstance(value, bool):
+            raise fail(f"is a size: expected an integer in [0, {limit}], got {value!r}")
+        return
+    if isinstance(value, int):
+        if limit is not None and not 0 <= value <= limit:
+            raise fail(f"= {value} is outside [0, {limit}], the bound RelZoo puts on it (zoo.config.KWARG_LIMITS)")
+        if abs(value) > MAX_KWARG_INT:
+            raise fail(f"= {value} exceeds the bound {MAX_KWARG_INT} on integers read from a file")
+        return
+    if isinstance(value, float):
+        if limit is not None:
+            raise fail(f"is a size: expected an integer in [0, {limit}], got {value!r}")
+        if not math.isfinite(value):
+            raise fail(f"= {value!r} is not a finite number")
+        return
+    if isinstance(value, str):
+        if len(value) > MAX_KWARG_TEXT:
+            raise fail(f"is a string of {len(value)} characters (bound {MAX_KWARG_TEXT})")
+        return
+    if isinstance(value, (list, tuple, Mapping)):
+        if depth >= MAX_KWARG_DEPTH:
+            raise fail(f"nests lists or mappings deeper than {MAX_KWARG_DEPTH} levels")
+        if len(value) > MAX_KWARG_ITEMS:
+            raise fail(f"has {len(value)} entries (bound {MAX_KWARG_ITEMS})")
+        items = value.values() if isinstance(value, Mapping) else value
+        if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
+            raise fail("is a mapping with non-string keys")
+        for item in items:
+            _check_kwarg(item, key, limit, where, error, depth + 1)
+        return
+    raise fail(f"is a {type(value).__name__}; expected a number, string, boolean, null, list or mapping")
 
 
 @dataclass(frozen=True, repr=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from zoo.data.synthetic import MARKER, make_dataset
+from zoo.errors import ConfigError
 from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.eval.runner import evaluate
 from zoo.paths import relzoo_home
@@ -83,9 +84,9 @@ def registered_minis(names: Optional[Sequence[str]] = None) -> list[Mini]:
     chosen = []
     for name in names:
         if name not in by_name:
-            raise ValueError(f"unknown mini model '{name}'; the minis are: {', '.join(by_name)}")
+            raise ConfigError(f"unknown mini model '{name}'; the minis are: {', '.join(by_name)}")
         if name not in available:
-            raise ValueError(f"mini model '{name}' is not registered in this installation")
+            raise ConfigError(f"mini model '{name}' is not registered in this installation")
         chosen.append(by_name[name])
     return chosen
 

@@ -19,7 +19,11 @@ class UnknownModelError(ZooError, KeyError):
 
 class ConfigError(ZooError, ValueError):
     """A malformed ``configs/*.yaml`` or ``convert/*.yaml`` file (the message names file and field), or a
-    bad setting: an environment variable's value, a ``backend`` name."""
+    bad setting: an environment variable's value, a ``backend`` name, an argument's value."""
+
+
+class ArgumentError(ConfigError, TypeError):
+    """A constructor argument of an unknown name or the wrong type (``create_model(name, bogus=1)``)."""
 
 
 class WeightsError(ZooError):
@@ -52,6 +56,10 @@ class DatasetError(ZooError):
 
 class OpsError(ZooError):
     """A native kernel that cannot be built or loaded when ``RELZOO_OPS=native`` demands it."""
+
+
+class InputError(ZooError, ValueError):
+    """A model input of the wrong rank, channel count, dtype or size (the message says what the model takes)."""
 
 
 class DependencyError(ZooError, ImportError):

@@ -236,7 +236,7 @@ def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = 
     base, tag = split_name(name)
     cfg = model_info(base)
     if push and not repo_id:
-        raise ValueError("push needs a repo_id (org/name) to upload to")
+        raise ConfigError("push needs a repo_id (org/name) to upload to")
     if format != "hf" and (push or repo_id or eval_results):
         raise ConfigError("--repo-id, --push and --eval-results are for --format hf")
     pretrained = weights is None and (tag is not None or cfg.default_weights is not None)

@@ -31,6 +31,7 @@ from zoo._fs import first_line, replace_dir
 from zoo.checkpoint import as_state_dict, load_checkpoint, save_safetensors
 from zoo.config import ModelConfig, PretrainedCfg
 from zoo.errors import ConversionError, UploadError, WeightsError, ZooError
+from zoo.paths import offline
 from zoo.registry import model_info
 
 __all__ = ["FOLDER_WEIGHTS", "FOLDER_CONFIG", "FOLDER_CARD", "FOLDER_PLOTS", "HF_FALLBACK_WEIGHTS",
@@ -59,10 +60,14 @@ def read_folder_config(folder: Path) -> dict | None:
         return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: a hostile nesting depth
         raise WeightsError(f"cannot read {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise WeightsError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    for key, kind in (("model", str), ("kwargs", dict)):
+        if config.get(key) is not None and not isinstance(config[key], kind):
+            raise WeightsError(f"{config_path}: field '{key}' must be a {'string' if kind is str else 'JSON object'}, "
+                               f"got {type(config[key]).__name__}")
     return config
 
 
@@ -351,6 +356,9 @@ def push_to_hub(model: nn.Module, repo_id: str, *, revision: str | None = None, 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    if offline():
+        raise UploadError(f"push to hf://{repo_id}: offline mode (RELZOO_OFFLINE / HF_HUB_OFFLINE) never opens a "
+                          f"connection; unset it to upload")
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token, library_name="relzoo")
     with tempfile.TemporaryDirectory(prefix="relzoo-push-") as tmp:
         folder = save_pretrained(model, Path(tmp) / "model", repo_id=repo_id, eval_results=eval_results)

@@ -38,9 +38,13 @@ class EnvVar:
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("RELZOO_HOME", "`$XDG_CACHE_HOME/relzoo`, else `~/.cache/relzoo`",
            "cache root: downloads and conversions (`hub/`), native builds (`extensions/`)"),
-    EnvVar("RELZOO_OFFLINE", "unset", "`1`: never touch the network; a file not in the cache is an error "
-           "(`HF_HUB_OFFLINE=1` does the same)"),
+    EnvVar("RELZOO_OFFLINE", "unset", "`1`: never touch the network (no socket is opened; Hub files are read in "
+           "huggingface_hub's offline mode); a file not in the cache is an error (`HF_HUB_OFFLINE=1` does the same)"),
     EnvVar("RELZOO_LOCK_TIMEOUT", "1800", "seconds to wait for another process fetching or converting the same file"),
+    EnvVar("RELZOO_DOWNLOAD_TIMEOUT", "3600", "seconds one download (a URL or `hf://` file, retries included) may "
+           "take in all before it is stopped; its partial file is kept and resumed by the next attempt"),
+    EnvVar("RELZOO_DOWNLOAD_STALL_TIMEOUT", "60", "seconds a download may receive nothing before the connection "
+           "counts as stalled; a stall is retried from the bytes received"),
     EnvVar("RELZOO_NO_PROGRESS", "unset", "`1`: no progress bars (they are only shown on a terminal anyway)"),
     EnvVar("RELZOO_OPS", "auto", "what `backend=\"auto\"` means for every layer: `auto` (the fastest path: "
            "native kernels when they build, else their pure-torch fallback with one warning), `native` (a failed "
@@ -183,6 +187,16 @@ def offline() -> bool:
 def lock_timeout() -> float:
     """``RELZOO_LOCK_TIMEOUT``: seconds to wait for another process on the same cache file (default 1800)."""
     return env_seconds("RELZOO_LOCK_TIMEOUT", 1800.0)
+
+
+def download_timeout() -> float:
+    """``RELZOO_DOWNLOAD_TIMEOUT``: the overall deadline of one download, in seconds (default 3600)."""
+    return env_seconds("RELZOO_DOWNLOAD_TIMEOUT", 3600.0)
+
+
+def download_stall_timeout() -> float:
+    """``RELZOO_DOWNLOAD_STALL_TIMEOUT``: seconds without a byte before a download counts as stalled (default 60)."""
+    return env_seconds("RELZOO_DOWNLOAD_STALL_TIMEOUT", 60.0)
 
 
 def progress_enabled() -> bool:

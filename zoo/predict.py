@@ -22,6 +22,7 @@ from torch import nn
 from zoo.data.config import TASK_KINDS, create_transform, resolve_data_config
 from zoo.errors import ConfigError
 from zoo.factory import create_model
+from zoo.models._inputs import check_finite
 from zoo.models.detr import DETR, PostProcess
 
 __all__ = ["predict", "detect", "draw_detections"]
@@ -39,7 +40,7 @@ def _load_image(image_path):
     try:
         return Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable image: {exc}") from exc
+        raise ConfigError(f"{path} is not a readable image: {exc}") from exc
 
 
 def _label(label_names: Optional[Sequence[str]], class_id: int) -> str:
@@ -61,6 +62,7 @@ def detect(model: nn.Module, image, threshold: float = 0.7, device: Union[str, t
     """
     config = resolve_data_config(model=model, **{"task": "detection", **(preprocessing or {})})
     x = create_transform(config)(image).to(device)
+    check_finite(x, type(model).__name__)
     size = torch.tensor([[image.height, image.width]], device=device)
     if hasattr(model, "coco_predictions"):  # a torchvision detector: it resizes and post-processes itself
         det = model.coco_predictions([x], size)[0]
@@ -130,14 +132,14 @@ def predict(model_name_or_model: Union[str, nn.Module], image_path, out_path, th
     Returns detections (see :func:`detect`) or, for classifiers, the top-5 ``{"class_id", "label", "score"}``.
     """
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     image = _load_image(image_path)
     if isinstance(model_name_or_model, str):
         model = create_model(model_name_or_model, pretrained=weights is None, weights=weights)
     elif isinstance(model_name_or_model, nn.Module):
         model = model_name_or_model
     else:
-        raise TypeError(f"predict needs a model name or an nn.Module, got {type(model_name_or_model).__name__}")
+        raise ConfigError(f"predict needs a model name or an nn.Module, got {type(model_name_or_model).__name__}")
     preprocessing = dict(preprocessing or {})
     kind = _task_kind(model, preprocessing)
     if kind not in ("detection", "classification"):

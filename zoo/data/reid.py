@@ -37,7 +37,7 @@ import torch
 from zoo.config import Preprocessing
 from zoo.data.imagefolder import load_rgb
 from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REID_INPUT_SIZE, reid_eval_transform
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 
 __all__ = ["ReidImage", "ReidSplit", "read_cuhk03", "read_market1501", "read_reid_dataset", "load_reid_image",
            "REID_DATASETS"]
@@ -85,7 +85,7 @@ def _mat_string(entry) -> str:
 def read_cuhk03(data_dir, subset: str = "labeled") -> ReidSplit:
     """CUHK03 new protocol, ``subset`` 'labeled' or 'detected' (layout in the module docstring)."""
     if subset not in ("labeled", "detected"):
-        raise ValueError(f"CUHK03 subset must be 'labeled' or 'detected', got {subset!r}")
+        raise ConfigError(f"CUHK03 subset must be 'labeled' or 'detected', got {subset!r}")
     data_dir = Path(data_dir)
     config = data_dir / f"cuhk03_new_protocol_config_{subset}.mat"
     images = data_dir / f"images_{subset}"
@@ -184,7 +184,7 @@ def read_reid_dataset(data_dir, name: str, keep_junk: bool = False) -> ReidSplit
         return read_cuhk03(data_dir, "detected")
     if name == "market1501":
         return read_market1501(data_dir, keep_junk=keep_junk)
-    raise ValueError(f"unknown re-id dataset {name!r}; known: {', '.join(REID_DATASETS)}")
+    raise ConfigError(f"unknown re-id dataset {name!r}; known: {', '.join(REID_DATASETS)}")
 
 
 # ---------------------------------------------------------------------------------------------

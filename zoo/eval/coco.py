@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from zoo.data.coco import CocoDetection
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 from zoo.eval.protocol import Protocol, register_protocol
 from zoo.models.detr import PostProcess
 
@@ -42,7 +42,7 @@ class CocoProtocol(Protocol):
         self.split = str(self.options.pop("split", "val2017"))
         self.dataset_name = str(self.options.pop("dataset", f"coco_{self.split}"))
         if self.options:
-            raise ValueError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
+            raise ConfigError(f"coco protocol: unknown option(s) {sorted(self.options)} (known: split, dataset)")
         self.transform = self.eval_transform()
         self._dataset: Optional[CocoDetection] = None
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from zoo.data.imagefolder import ImageFolder, find_classes
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
@@ -38,7 +38,7 @@ class ImageNetProtocol(Protocol):
         known = {"dataset", "split", "num_classes"}
         unknown = sorted(set(self.options) - known)
         if unknown:
-            raise ValueError(f"imagenet protocol: unknown option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"imagenet protocol: unknown option(s) {unknown}; known: {sorted(known)}")
         self.dataset_name = self.options.get("dataset", "imagenet_val")
         self.split = str(self.options.get("split", "val"))
         self.root = self._resolve_root(Path(data_dir), self.split)

@@ -24,6 +24,7 @@ import torch
 
 from zoo.data.imagefolder import load_rgb
 from zoo.data.reid import REID_DATASETS, read_reid_dataset
+from zoo.errors import ConfigError
 from zoo.eval.protocol import Protocol, register_protocol
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -241,7 +242,7 @@ def _limit_split(query: tuple, gallery: tuple, limit: int) -> tuple[tuple, tuple
     preferring the valid matches of those queries (same id, other camera), then their other images,
     then the rest; the chosen gallery images keep gallery order."""
     if limit < 2:
-        raise ValueError(f"--limit for re-id needs at least 2 samples (a query and a gallery image), got {limit}")
+        raise ConfigError(f"--limit for re-id needs at least 2 samples (a query and a gallery image), got {limit}")
     query = query[: max(1, limit // 2)]
     room = limit - len(query)
     pids = {image.pid for image in query}
@@ -286,10 +287,10 @@ class ReidProtocol(Protocol):
         super().__init__(data_dir, model_config, options, limit)
         unknown = sorted(set(self.options) - self._KNOWN)
         if unknown:
-            raise ValueError(f"unknown reid protocol option(s) {unknown}; known: {sorted(self._KNOWN)}")
+            raise ConfigError(f"unknown reid protocol option(s) {unknown}; known: {sorted(self._KNOWN)}")
         self.dataset_name = self.options.get("dataset", "cuhk03_labeled")
         if self.dataset_name not in REID_DATASETS:
-            raise ValueError(f"reid protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(REID_DATASETS)}")
+            raise ConfigError(f"reid protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(REID_DATASETS)}")
         self.split = "test"  # the query and gallery images
         overrides = {"input_size": self.options["input_size"]} if self.options.get("input_size") else {}
         self.transform = self.eval_transform(**overrides)

@@ -1,9 +1,11 @@
 """Run a protocol over a dataset on one process or many, and compare with the reported table.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank evaluates the samples
-``rank, rank + world, ...`` — each sample exactly once — and the predictions are
-gathered to rank 0 in dataset order, so the metrics are computed once and equal a
-single-process run's.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the batches of a one-process run (consecutive runs of
+``batch_size`` samples in dataset order) are dealt to the ranks whole: rank r evaluates batches
+r, r + world, ... Each sample is evaluated exactly once, in the same batch as on one process (a
+detector pads a batch to its largest image, so the batch a sample sits in changes its output),
+and the predictions are gathered to rank 0 in dataset order: the metrics equal a one-process
+run's at any batch size and any number of processes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from zoo._fs import atomic_write_text, sha256_file
 from zoo.config import ModelConfig, ReportedMetric
+from zoo.errors import ConfigError
 from zoo.eval import DEFAULT_BATCH_SIZE
 from zoo.eval.protocol import Protocol, get_protocol
 from zoo.factory import create_model
@@ -59,6 +62,8 @@ class EvalResult:
     split: Optional[str] = None
     warnings: list = field(default_factory=list)  # why the reported numbers are not comparable, one line each
     per_class: list = field(default_factory=list)  # {"class_id", "label", metric: value, ...} where the protocol has them
+    batch_size: Optional[int] = None  # samples per batch (the batches are those of a one-process run)
+    world_size: int = 1               # processes the batches were dealt to
 
     def table(self) -> str:
         """Markdown table: metric | reported | reproduced | difference | source (and one per class, when known)."""
@@ -144,18 +149,32 @@ def _per_class_rows(protocol: Protocol, label_names: Optional[tuple[str, ...]]) 
     return rows
 
 
+def shard_batches(num_samples: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """The sample indices of the batches rank ``rank`` of ``world`` evaluates.
+
+    The batches are those of a one-process run, ``[0, b), [b, 2b), ...`` (the last one shorter),
+    dealt round-robin: rank r gets batches r, r + world, ... (none when there are fewer batches
+    than ranks).
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    starts = range(0, num_samples, batch_size)
+    return [list(range(s, min(s + batch_size, num_samples))) for s in starts][rank::world]
+
+
 def run_protocol(model: nn.Module, protocol: Protocol, *, batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0,
                  device: Union[str, torch.device] = "cpu", progress: bool = True,
                  dataset=None) -> tuple[dict[str, float], int]:
-    """Evaluate ``model`` with ``protocol`` on this process's shard; returns (metrics, num_samples) on
-    rank 0 and ({}, num_samples) elsewhere. ``dataset``: ``protocol.dataset()`` if already read."""
+    """Evaluate ``model`` with ``protocol`` on this process's batches (:func:`shard_batches`); returns
+    (metrics, num_samples) on rank 0 and ({}, num_samples) elsewhere. ``dataset``: ``protocol.dataset()``
+    if already read."""
     rank, world = _distributed()
     device = torch.device(device)
     dataset = protocol.dataset() if dataset is None else dataset
-    indices = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
-        collate_fn=protocol.collate, shuffle=False)
+    batches = shard_batches(len(dataset), batch_size, rank, world)
+    indices = [i for batch in batches for i in batch]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=protocol.collate)
     model = model.to(device).eval()
     mine: list = []
     bar = None
@@ -234,10 +253,11 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     """
     base, tag = split_name(name)
     cfg: ModelConfig = model_info(base)
+    shard_batches(0, batch_size, 0, 1)  # a bad batch size fails here, before the dataset is read
     eval_options = dict(cfg.eval)
     protocol_name = eval_options.pop("protocol", None)
     if protocol_name is None:
-        raise ValueError(f"model '{base}' has no evaluation protocol in its config")
+        raise ConfigError(f"model '{base}' has no evaluation protocol in its config")
     eval_options.update(options or {})
     protocol = get_protocol(protocol_name)(Path(data_dir), cfg, eval_options, limit)
     dataset = protocol.dataset()  # a missing or malformed dataset fails here, before any download
@@ -248,7 +268,7 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     try:
         metrics, num_samples = run_protocol(model, protocol, batch_size=batch_size, workers=workers, device=device,
                                             progress=progress, dataset=dataset)
-        rank, _ = _distributed()
+        rank, world = _distributed()
     finally:
         finish_distributed()
     if rank != 0:
@@ -261,7 +281,7 @@ def evaluate(name: str, data_dir: Union[str, Path], *, weights: Optional[str] = 
     result = EvalResult(model=base, weights=weights or tag or cfg.default_weights, protocol=protocol_name,
                         dataset=protocol.dataset_name, num_samples=shown, limited=limit is not None,
                         rows=rows, metrics=metrics, split=protocol.split, warnings=warnings,
-                        per_class=_per_class_rows(protocol, label_names))
+                        per_class=_per_class_rows(protocol, label_names), batch_size=batch_size, world_size=world)
     for warning in warnings:
         logger.warning("not comparable with the reported numbers: %s", warning)
     if not all(math.isfinite(v) for v in metrics.values()):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from zoo.data.ssv import SPLIT_FILES, SSVideoClips, read_split
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
@@ -45,13 +45,13 @@ class SSVProtocol(Protocol):
         super().__init__(data_dir, model_config, options, limit)
         unknown = sorted(set(self.options) - self._KNOWN)
         if unknown:
-            raise ValueError(f"unknown ssv protocol option(s) {unknown}; known: {sorted(self._KNOWN)}")
+            raise ConfigError(f"unknown ssv protocol option(s) {unknown}; known: {sorted(self._KNOWN)}")
         self.dataset_name = self.options.get("dataset", "ssv1")
         if self.dataset_name not in SPLIT_FILES:
-            raise ValueError(f"ssv protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(SPLIT_FILES)}")
+            raise ConfigError(f"ssv protocol: unknown dataset {self.dataset_name!r}; known: {', '.join(SPLIT_FILES)}")
         self.split = self.options.get("split", "val")
         if self.split not in SPLIT_FILES[self.dataset_name]:
-            raise ValueError(f"ssv protocol: split must be 'val' or 'train', got {self.split!r}")
+            raise ConfigError(f"ssv protocol: split must be 'val' or 'train', got {self.split!r}")
         list_file = Path(self.options.get("list_file") or SPLIT_FILES[self.dataset_name][self.split])
         self.list_file = list_file if list_file.is_absolute() else self.data_dir / list_file
         # the options num_frames, resize and crop override the model's preprocessing

@@ -269,14 +269,20 @@ def _cached_taps(method: int, height: int, width: int, skip: int, alpha: float, 
 
 def get_bucket_ids_2d_without_skip(method: Union[int, str], height: int, width: int, alpha: float, beta: float,
                                    gamma: float, dtype: torch.dtype = torch.long,
-                                   device=torch.device("cpu")) -> torch.Tensor:
-    """(H*W, H*W) bucket ids of an H x W grid (row-major tokens); see :func:`get_bucket_ids_2d`."""
-    return get_bucket_ids_2d(method, height, width, 0, alpha, beta, gamma, dtype, device)
+                                   device=torch.device("cpu")) -> tuple[torch.Tensor, int, int]:
+    """Bucket ids of an H x W grid without skip tokens, as the original: ``(bucket_ids, num_buckets, L)``.
+
+    ``bucket_ids`` (L, L) of ``dtype`` with L = height * width (row-major tokens), ``num_buckets`` the
+    table size :func:`get_num_buckets` (no skip bucket). See :func:`get_bucket_ids_2d`.
+    """
+    bucket_ids, num_buckets = get_bucket_ids_2d(method, height, width, 0, alpha, beta, gamma, dtype, device)
+    return bucket_ids, num_buckets, int(height) * int(width)
 
 
 def get_bucket_ids_2d(method: Union[int, str], height: int, width: int, skip: int, alpha: float, beta: float,
-                      gamma: float, dtype: torch.dtype = torch.long, device=torch.device("cpu")) -> torch.Tensor:
-    """Bucket ids of every (query, key) pair, spec §2.
+                      gamma: float, dtype: torch.dtype = torch.long,
+                      device=torch.device("cpu")) -> tuple[torch.Tensor, int]:
+    """Bucket ids of every (query, key) pair, spec §2, as the original: ``(bucket_ids, num_buckets)``.
 
     Args:
         method: EUCLIDEAN, QUANT, PRODUCT, CROSS_ROWS or CROSS_COLS (id or name).
@@ -284,12 +290,14 @@ def get_bucket_ids_2d(method: Union[int, str], height: int, width: int, skip: in
         skip: number of leading non-spatial tokens; pairs touching them get the extra id
             ``get_num_buckets(...)`` (one extra bucket whatever ``skip`` is).
         alpha, beta, gamma: piecewise breakpoints.
-    Returns (L, L) tensor of ``dtype`` with L = skip + height * width (a fresh tensor).
+    Returns ``bucket_ids``, an (L, L) tensor of ``dtype`` with L = skip + height * width (a fresh
+    tensor), and ``num_buckets``, the table size including the skip bucket when ``skip > 0``.
     """
     method = _method_id(method)
     if height <= 0 or width <= 0 or skip < 0:
         raise ValueError(f"need height, width > 0 and skip >= 0, got height={height}, width={width}, skip={skip}")
-    return _cached_bucket_ids(method, int(height), int(width), int(skip), alpha, beta, gamma, dtype, device).clone()
+    ids = _cached_bucket_ids(method, int(height), int(width), int(skip), alpha, beta, gamma, dtype, device).clone()
+    return ids, get_num_buckets(method, alpha, beta, gamma) + (1 if skip > 0 else 0)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from zoo.convert import register_hook
 from zoo.layers.irpe import RPEAttention, get_rpe_config
 from zoo.models._features import FeaturePoint
 from zoo.models._head import classifier_layer
+from zoo.models._inputs import check_batch
 from zoo.registry import register_model
 
 __all__ = ["VisionTransformer", "deit_rpe_config"]
@@ -86,8 +88,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected images of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
+        check_batch(x, model="VisionTransformer", layout=f"(B, {self.proj.in_channels}, {self.img_size}, {self.img_size})",
+                    rank=4, channels=self.proj.in_channels, dtype=self.proj.weight.dtype,
+                    size=(self.img_size, self.img_size))
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -265,3 +268,32 @@ def deit_small_patch16_224_ctx_quant_51_shared_k(**kwargs) -> VisionTransformer:
 def deit_small_patch16_224_ctx_cross_56_shared_k(**kwargs) -> VisionTransformer:
     """DeiT-S + iRPE (cross, ratio 20, contextual, shared, on keys); no released weights."""
     return _deit("small", 20, "cross", "k", **kwargs)
+
+
+# Conversion hooks (convert/irpe-deit.yaml): the original's main.py saves its argparse args.
+
+def _args(checkpoint) -> dict:
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if args is None:
+        return {}
+    return dict(vars(args)) if hasattr(args, "__dict__") else dict(args)
+
+
+@register_hook
+def model_from_checkpoint(checkpoint) -> Optional[str]:
+    """``model_name`` hook: the timm model name the run trained (``args.model``), or None."""
+    name = _args(checkpoint).get("model")
+    return name if isinstance(name, str) else None
+
+
+@register_hook
+def kwargs_from_checkpoint(checkpoint) -> dict:
+    """``model_kwargs`` hook: ``num_classes`` (``args.nb_classes``) and ``img_size`` (``args.input_size``)
+    where the run recorded them."""
+    args = _args(checkpoint)
+    kwargs = {}
+    if isinstance(args.get("nb_classes"), int):
+        kwargs["num_classes"] = args["nb_classes"]
+    if isinstance(args.get("input_size"), int):
+        kwargs["img_size"] = args["input_size"]
+    return kwargs

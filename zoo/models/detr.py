@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
-from zoo.errors import ConversionError
+from zoo.convert import register_hook
+from zoo.errors import ConversionError, InputError
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
 from zoo.models._features import FeaturePoint
+from zoo.models._inputs import check_batch, weight_dtype
 from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -46,11 +48,11 @@ def nested_tensor_from_tensor_list(images: Sequence[torch.Tensor], channels: int
     Returns (batch (B, channels, H, W), mask (B, H, W) bool, True = padding).
     """
     if len(images) == 0:
-        raise ValueError("DETR got an empty list of images")
+        raise InputError("DETR got an empty list of images")
     for i, img in enumerate(images):
         if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != channels:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"DETR expects images of shape ({channels}, H, W); image {i} is {shape}")
+            raise InputError(f"DETR expects images of shape ({channels}, H, W); image {i} is {shape}")
     h = max(img.shape[1] for img in images)
     w = max(img.shape[2] for img in images)
     first = images[0]
@@ -399,13 +401,18 @@ class DETR(nn.Module):
         return self.backbone[0].body.forward_intermediates(batch, indices)
 
     def _batch(self, images, mask):
-        """The model's inputs (see the class docstring) -> (batch (B, C, H, W), mask (B, H, W) bool)."""
+        """The model's inputs (see the class docstring) -> (batch (B, C, H, W), mask (B, H, W) bool).
+
+        Each image is checked first (:mod:`zoo.models._inputs`): C channels, the weights' floating dtype
+        (not cast here), at least the backbone's total stride in height and width."""
         channels = self.in_chans
+        layout = f"(B, {channels}, H, W), ({channels}, H, W) or a list of ({channels}, H, W) images"
+        checks = dict(model="DETR", layout=layout, channels=channels, dtype=weight_dtype(self),
+                      min_size=self.backbone[0].body.feature_points()[-1].reduction)
         if isinstance(images, torch.Tensor) and images.dim() == 3:
             images = [images]  # one image
         if isinstance(images, torch.Tensor) and images.dim() == 4:
-            if images.shape[1] != channels:
-                raise ValueError(f"DETR expects a batch of shape (B, {channels}, H, W), got {tuple(images.shape)}")
+            check_batch(images, rank=4, **checks)
             batch = images
             if mask is None:
                 mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
@@ -413,17 +420,37 @@ class DETR(nn.Module):
                 raise ValueError(f"mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
             mask = mask.bool()
         elif isinstance(images, torch.Tensor):
-            raise ValueError(f"DETR expects (B, {channels}, H, W), ({channels}, H, W) or a list of ({channels}, H, W) "
-                             f"images, got {tuple(images.shape)}")
+            raise InputError(f"DETR expects {layout}, got {tuple(images.shape)}")
         else:
             if mask is not None:
-                raise ValueError("mask is only given with a padded batch tensor; a list of images is padded here")
-            batch, mask = nested_tensor_from_tensor_list(list(images), channels)
+                raise InputError("mask is only given with a padded batch tensor; a list of images is padded here")
+            images = list(images)
+            for image in images:
+                check_batch(image, rank=3, channel_dim=0, **checks)
+            if not images:  # an empty batch: empty outputs (forward)
+                weight = self.class_embed.weight
+                return (weight.new_zeros(0, channels, checks["min_size"], checks["min_size"]),
+                        torch.zeros(0, checks["min_size"], checks["min_size"], dtype=torch.bool, device=weight.device))
+            batch, mask = nested_tensor_from_tensor_list(images, channels)
         return batch, mask
+
+    def _empty_outputs(self, batch: torch.Tensor) -> dict:
+        """What :meth:`forward` returns for a batch of no images: every output with batch size 0."""
+        logits = batch.new_zeros(0, self.num_queries, self.num_classes + 1)
+        boxes = batch.new_zeros(0, self.num_queries, 4)
+        out = {"pred_logits": logits, "pred_boxes": boxes}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": logits, "pred_boxes": boxes}
+                                  for _ in range(len(self.transformer.decoder.layers) - 1)]
+        return out
 
     def forward(self, images: Union[Sequence[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor] = None,
                 return_intermediates: bool = False) -> dict:
         batch, mask = self._batch(images, mask)
+        if batch.shape[0] == 0:
+            if return_intermediates:
+                raise InputError("DETR: return_intermediates needs at least one image")
+            return self._empty_outputs(batch)
         features, feature_mask, pos = self.backbone(batch, mask)
         hs, memory = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos)
         logits = self.class_embed(hs)
@@ -531,6 +558,7 @@ _ARG_NAMES = ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforwa
               "pre_norm", "enc_rpe2d", "aux_loss", "dilation", "position_embedding")
 
 
+@register_hook
 def kwargs_from_checkpoint(checkpoint) -> dict:
     """Constructor kwargs of :func:`detr_r50_irpe` read from an original checkpoint's ``args`` Namespace.
 

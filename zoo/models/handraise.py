@@ -35,8 +35,10 @@ from torchvision.ops.poolers import _setup_scales
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from zoo.errors import InputError
 from zoo.layers.rpa import MultiheadNonlocal2d
 from zoo.models._features import FeaturePoint
+from zoo.models._inputs import check_batch, check_finite, weight_dtype
 from zoo.models.resnet import FrozenBatchNorm2d, ResNet, freeze_stages, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -198,6 +200,35 @@ class HandRaiseRCNN(FasterRCNN):
     def num_classes(self) -> int:
         return self.roi_heads.box_predictor.cls_score.out_features
 
+    def forward(self, images, targets=None):
+        """torchvision's detection forward, after checking the images (:mod:`zoo.models._inputs`): each
+        (in_chans, H, W) of the weights' floating dtype (not cast here), large enough that the detector's
+        resize keeps the backbone's total stride. No images: no detections (in eval mode)."""
+        if isinstance(images, torch.Tensor) and images.dim() != 4:
+            raise InputError(f"HandRaiseRCNN takes a list of ({self.backbone.body.in_chans}, H, W) images (or a "
+                             f"(B, C, H, W) batch), got a tensor of shape {tuple(images.shape)}")
+        images = list(images)
+        self._check_images(images)
+        if not images:
+            if self.training:
+                raise InputError("HandRaiseRCNN: a training batch needs at least one image")
+            return []
+        return super().forward(images, targets)
+
+    def _check_images(self, images: Sequence[torch.Tensor]) -> None:
+        channels = self.backbone.body.in_chans
+        stride = self.backbone.body.feature_points()[-1].reduction
+        min_size, max_size = self.transform.min_size[-1], self.transform.max_size
+        for image in images:
+            check_batch(image, model="HandRaiseRCNN", layout=f"a list of ({channels}, H, W) images", rank=3,
+                        channels=channels, channel_dim=0, dtype=weight_dtype(self))
+            height, width = image.shape[-2:]
+            scale = min(min_size / min(height, width), max_size / max(height, width))  # the detector's resize
+            if min(height, width) * scale < stride:
+                raise InputError(f"HandRaiseRCNN: a {height}x{width} image is resized to "
+                                 f"{round(height * scale)}x{round(width * scale)}, smaller than the backbone's "
+                                 f"total stride {stride}; crop it to a less extreme aspect ratio")
+
     def get_classifier(self) -> nn.Module:
         return self.roi_heads.box_predictor
 
@@ -320,6 +351,7 @@ class HandRaiseRCNN(FasterRCNN):
         (height, width) of the original images. Returns per image ``{'scores' (n,), 'labels' (n,),
         'boxes' (n, 4) xyxy in original pixels}``; label 1 = hand-raising (its COCO category id).
         """
+        check_finite(images, "HandRaiseRCNN")
         detections = self(list(images))
         out = []
         for det, image, (height, width) in zip(detections, images, orig_sizes.tolist()):
@@ -379,14 +411,14 @@ def _per_channel(values: Sequence[float], channels: int) -> list[float]:
 
 
 @register_model
-def handraise_rcnn_r50_fpn_rpa_distance(**kwargs) -> nn.Module:
+def handraise_rcnn_r50_fpn_rpa_distance(**kwargs) -> HandRaiseRCNN:
     """Hand-raising Faster R-CNN R50-FPN, balanced pyramid refined by a locality + relative-distance non-local block."""
     kwargs.setdefault("rpa_mode", "relative_distance")
     return HandRaiseRCNN(**kwargs)
 
 
 @register_model
-def handraise_rcnn_r50_fpn_rpa_position(**kwargs) -> nn.Module:
+def handraise_rcnn_r50_fpn_rpa_position(**kwargs) -> HandRaiseRCNN:
     """Hand-raising Faster R-CNN R50-FPN, balanced pyramid refined by a locality + relative-position non-local block."""
     kwargs.setdefault("rpa_mode", "relative_position")
     return HandRaiseRCNN(**kwargs)
@@ -402,7 +434,7 @@ _MINI = dict(rpa_mode="relative_position", rpa_kernel_size=5, rpa_interpolation=
 
 
 @register_model
-def handraise_rpa_mini(**kwargs) -> nn.Module:
+def handraise_rpa_mini(**kwargs) -> HandRaiseRCNN:
     """RelZoo-mini: the relative-position hand-raising detector on a 1-1-1-1 block ResNet at 1/8 width,
     64-channel FPN + RPA-refined balanced pyramid, anchors 16-256, a 128-wide box head, images resized to
     a shorter side of 160."""

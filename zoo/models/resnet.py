@@ -27,6 +27,7 @@ from zoo.convert import TRANSFORMS
 from zoo.errors import ConversionError
 from zoo.models._features import FeaturePoint
 from zoo.models._head import PooledClassifier
+from zoo.models._inputs import check_batch, weight_dtype
 from zoo.weights import load_state_dict
 
 # f(stage 1..4, block index, width, stride) -> module replacing the block's 3x3 conv, or None.
@@ -323,10 +324,10 @@ class ResNet(PooledClassifier, nn.Module):
         return f"layer{stage}"
 
     def check_input(self, x: torch.Tensor) -> None:
-        expected = 5 if self.conv_dims == 3 else 4
-        if x.dim() != expected or x.shape[1] != self.in_chans:
-            layout = f"(B, {self.in_chans}, T, H, W)" if self.conv_dims == 3 else f"(B, {self.in_chans}, H, W)"
-            raise ValueError(f"ResNet expects input of shape {layout}, got {tuple(x.shape)}")
+        """(B, in_chans, [T,] H, W) of the weights' dtype, H and W at least the total stride (:mod:`zoo.models._inputs`)."""
+        layout = f"(B, {self.in_chans}, T, H, W)" if self.conv_dims == 3 else f"(B, {self.in_chans}, H, W)"
+        check_batch(x, model=type(self).__name__, layout=layout, rank=5 if self.conv_dims == 3 else 4,
+                    channels=self.in_chans, dtype=weight_dtype(self), min_size=self._feature_points[-1].reduction)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from zoo.errors import ConversionError
+from zoo.convert import register_hook
+from zoo.errors import ConversionError, InputError
 from zoo.layers.rga import RGA_Module
 from zoo.models._features import FeaturePoint
 from zoo.models._head import GlobalPool, classifier_layer
@@ -80,10 +81,10 @@ class RGABackbone(ResNet):
         return f"rga_att{stage}"
 
     def check_input(self, x: Tensor) -> None:
-        if x.dim() == 4 and tuple(x.shape[-2:]) != (self.height, self.width):
-            raise ValueError(f"this RGA model was built for {self.height}x{self.width} inputs, got "
-                             f"{x.shape[-2]}x{x.shape[-1]}; build it with height=..., width=... for another size")
         super().check_input(x)
+        if tuple(x.shape[-2:]) != (self.height, self.width):
+            raise InputError(f"this RGA model was built for {self.height}x{self.width} inputs, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}; build it with height=..., width=... for another size")
 
 
 class RGAResNet50(nn.Module):
@@ -247,15 +248,19 @@ def _branches(keys) -> tuple[bool, bool]:
     return any(".W_spatial." in k for k in keys), any(".W_channel." in k for k in keys)
 
 
+@register_hook
 def kwargs_from_checkpoint(checkpoint) -> dict:
     """Constructor kwargs recorded in an original checkpoint: ``num_classes`` from ``cls.weight``."""
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    if not isinstance(state, dict):
+        return {}
     weight = state.get("cls.weight", state.get("module.cls.weight"))
-    if weight is None or getattr(weight, "dim", lambda: 0)() != 2:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
         return {}
     return {"num_classes": int(weight.shape[0])}
 
 
+@register_hook
 def check_variant(state_dict: dict, checkpoint, target_state_dict) -> dict:
     """Refuse, with the model name to use, a checkpoint whose RGA variant differs from the target's."""
     if target_state_dict is None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoo.convert import register_hook
 from zoo.layers.rpa import MultiheadNonlocal2d
 from zoo.models._head import PooledClassifier
+from zoo.models._inputs import check_batch, weight_dtype
 from zoo.registry import register_model
 
 
@@ -51,8 +53,9 @@ class RpaCifarToy(PooledClassifier, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> the second block's map (B, 64, h, w)."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"RpaCifarToy expects (B, {self.in_chans}, H, W) images, got shape {tuple(x.shape)}")
+        # two unpadded 3x3 convs, a 2x2 pool, another 3x3 conv and pool: 12 pixels leave a 1x1 map
+        check_batch(x, model="RpaCifarToy", layout=f"(B, {self.in_chans}, H, W)", rank=4, channels=self.in_chans,
+                    dtype=weight_dtype(self), min_size=12)
         x = self.nl1(self.pool1(self.layer1(x)))
         return self.nl2(self.pool2(self.layer2(x)))
 
@@ -62,6 +65,25 @@ class RpaCifarToy(PooledClassifier, nn.Module):
 
 
 @register_model
-def rpa_cifar_toy(**kwargs) -> nn.Module:
+def rpa_cifar_toy(**kwargs) -> RpaCifarToy:
     """CIFAR-10 toy classifier of the rpa_sa repository (two relative_position non-local blocks)."""
     return RpaCifarToy(**kwargs)
+
+
+@register_hook
+def kwargs_from_checkpoint(checkpoint) -> dict:
+    """``model_kwargs`` hook of ``convert/rpa-toy.yaml``: the flags and sizes an original checkpoint needs.
+
+    The weights were trained with the original's behaviour, so ``bug_compatible=True`` (its 'lerp' meant
+    nearest, its non-square tables were transposed); ``num_classes`` from ``fc.weight``.
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else {}
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    weight = state.get("fc.weight", state.get("module.fc.weight"))
+    kwargs: dict = {"bug_compatible": True}
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        kwargs["num_classes"] = int(weight.shape[0])
+    return kwargs

@@ -21,9 +21,12 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from zoo.convert import register_hook
+from zoo.errors import ConversionError, InputError
 from zoo.layers.rsa import RSA
 from zoo.models._features import FeaturePoint
 from zoo.models._head import GlobalPool
+from zoo.models._inputs import check_batch, weight_dtype
 from zoo.models.resnet import ResNet, load_imagenet_resnet50
 from zoo.registry import register_model
 
@@ -115,18 +118,19 @@ class RSANet(nn.Module):
     def to_clip(self, x: Tensor) -> Tensor:
         """(B, 3T, H, W) or (B, 3, T, H, W) -> (B, 3, T, H, W), checking T == num_segments (3 = in_chans)."""
         c0, t = self.in_chans, self.num_segments
+        check_batch(x, model="RSANet", layout=f"(B, {c0}T, H, W) or (B, {c0}, T, H, W)", rank=(4, 5), channels=None,
+                    dtype=weight_dtype(self), min_size=self.base_model.feature_points()[-1].reduction)
         if x.dim() == 4:
             b, c, h, w = x.shape
             if c != c0 * t:
-                raise ValueError(f"RSANet expects (B, {c0} * num_segments = {c0 * t}, H, W) frames "
+                raise InputError(f"RSANet expects (B, {c0} * num_segments = {c0 * t}, H, W) frames "
                                  f"stacked along channels, got {tuple(x.shape)}")
             # channel 3 t + c -> (B, T, 3, H, W) -> (B, 3, T, H, W)
             return x.view(b, t, c0, h, w).transpose(1, 2)
         if x.dim() == 5:
             if x.shape[1] != c0 or x.shape[2] != t:
-                raise ValueError(f"RSANet expects (B, {c0}, T = num_segments = {t}, H, W), got {tuple(x.shape)}")
-            return x
-        raise ValueError(f"RSANet expects (B, {c0}T, H, W) or (B, {c0}, T, H, W) input, got {tuple(x.shape)}")
+                raise InputError(f"RSANet expects (B, {c0}, T = num_segments = {t}, H, W), got {tuple(x.shape)}")
+        return x
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Input as :meth:`forward` -> layer4's map (B, 2048 / width_div, T, h, w)."""
@@ -206,6 +210,7 @@ def _diagonal_dominance(t: Tensor) -> float:
     return float("inf") if off == 0 else float(diag / off)
 
 
+@register_hook
 def convert_rsa_names(state_dict: dict, checkpoint, target_state_dict) -> dict:
     """State-dict hook: give the internal version's two unnamed (1, d, d) parameters their names.
 
@@ -247,6 +252,7 @@ def convert_rsa_names(state_dict: dict, checkpoint, target_state_dict) -> dict:
     return out
 
 
+@register_hook
 def kwargs_from_checkpoint(checkpoint) -> dict:
     """Constructor kwargs of RSANet read from a checkpoint's shapes (either naming).
 
@@ -255,7 +261,9 @@ def kwargs_from_checkpoint(checkpoint) -> dict:
     RSANet-R50, so a reduced or modified network converts with its own architecture.
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
-    state = {re.sub(r"^module\.", "", k): v for k, v in state.items() if isinstance(v, Tensor)}
+    if not isinstance(state, dict):
+        return {}
+    state = {re.sub(r"^module\.", "", str(k)): v for k, v in state.items() if isinstance(v, Tensor)}
     kwargs: dict = {}
     if "new_fc.weight" in state:
         kwargs["num_classes"] = int(state["new_fc.weight"].shape[0])
@@ -276,6 +284,12 @@ def kwargs_from_checkpoint(checkpoint) -> dict:
             nh = int(planes // value.shape[0])  # dd = planes / nh in the released derivation
     if not all(blocks.values()):
         return kwargs  # not an RSANet state dict; the strict load will say what is wrong
+    for stage, found in blocks.items():
+        if found != set(range(len(found))):  # the block count is read off the indices: they must be 0..n-1
+            gaps = sorted(set(range(max(found) + 1)) - found) if max(found) < 1000 else ["..."]
+            raise ConversionError(f"the checkpoint's blocks of layer{stage} are numbered {sorted(found)[:8]}"
+                                  f"{'...' if len(found) > 8 else ''}, not 0..{len(found) - 1} (missing {gaps[:8]}); "
+                                  f"it is not an RSANet state dict this map can read")
     layers = tuple(max(blocks[s]) + 1 for s in range(1, 5))
     positions = tuple(tuple(sorted(rsa[s])) for s in range(1, 5))
     width = state["base_model.conv1.weight"].shape[0] if "base_model.conv1.weight" in state else 64

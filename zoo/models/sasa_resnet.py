@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.convert import register_hook
+from zoo.errors import InputError
 from zoo.layers.sasa import AttentionConv, AttentionStem, SASAttention2d, SASAttentionStem
 from zoo.models._features import FeaturePoint
 from zoo.models._head import PooledClassifier
+from zoo.models._inputs import check_batch, weight_dtype
 from zoo.models.resnet import ResNet
 from zoo.registry import register_model
 
@@ -133,7 +136,8 @@ class LeaderBottleneck(nn.Module):
 
     conv1 = 1x1 conv, BN, ReLU; conv2 = AttentionConv(w, w, 7, padding 3, groups 8), BN, ReLU;
     conv3 = 1x1 conv to 4w, BN; shortcut = strided 1x1 conv + BN when the shape changes; ReLU(sum).
-    Strided blocks (stride 2) pool with a 2x2 average pool:
+    ``width`` (default ``out_channels``): channels of conv1/conv2 (the original's
+    ``int(out_channels * base_width / 64) * groups``). Strided blocks (stride 2) pool with a 2x2 average pool:
 
     * bug_compatible=False (default): right after the attention, as the paper says (spec §1);
     * bug_compatible=True: after conv3 + BN, as the original (and the per-channel attention softmax).
@@ -144,9 +148,9 @@ class LeaderBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7, groups: int = 8,
-                 bug_compatible: bool = False):
+                 bug_compatible: bool = False, width: Optional[int] = None):
         super().__init__()
-        width, out = out_channels, out_channels * self.expansion
+        width, out = width or out_channels, out_channels * self.expansion
         self.stride, self.bug_compatible = stride, bug_compatible
         self.conv1 = _bn_act(nn.Conv2d(in_channels, width, 1, bias=False), width)
         self.conv2 = _bn_act(AttentionConv(width, width, kernel_size, padding=(kernel_size - 1) // 2, groups=groups,
@@ -225,7 +229,7 @@ class SASACifarResNet(PooledClassifier, nn.Module):
         """layer4's map -> pooled features (``pre_logits``) or logits (B, num_classes)."""
         if self.bug_compatible:
             if x.shape[-2:] != (4, 4):
-                raise ValueError(f"bug_compatible=True keeps the original's fixed 4x4 average pool, which needs "
+                raise InputError(f"bug_compatible=True keeps the original's fixed 4x4 average pool, which needs "
                                  f"32x32 inputs (a 4x4 final map); got a final map of {tuple(x.shape[-2:])}")
             x = torch.flatten(F.avg_pool2d(x, 4), 1)
         else:
@@ -250,8 +254,8 @@ class SASACifarResNet(PooledClassifier, nn.Module):
         return list(self._feature_points)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__} expects input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        check_batch(x, model=type(self).__name__, layout=f"(B, {self.in_chans}, H, W)", rank=4, channels=self.in_chans,
+                    dtype=weight_dtype(self), min_size=self._feature_points[-1].reduction)
         maps = [self.init(x)]
         for stage in range(1, max(indices) + 1):
             maps.append(getattr(self, f"layer{stage}")(maps[-1]))
@@ -259,23 +263,24 @@ class SASACifarResNet(PooledClassifier, nn.Module):
 
 
 @register_model
-def sasa_resnet26_cifar(**kwargs) -> nn.Module:
+def sasa_resnet26_cifar(**kwargs) -> SASACifarResNet:
     """leaderj1001 CIFAR ResNet-26 (AttentionConv bottlenecks)."""
     return SASACifarResNet(_LAYERS[26], **kwargs)
 
 
 @register_model
-def sasa_resnet38_cifar(**kwargs) -> nn.Module:
+def sasa_resnet38_cifar(**kwargs) -> SASACifarResNet:
     """leaderj1001 CIFAR ResNet-38 (AttentionConv bottlenecks)."""
     return SASACifarResNet(_LAYERS[38], **kwargs)
 
 
 @register_model
-def sasa_resnet50_cifar(**kwargs) -> nn.Module:
+def sasa_resnet50_cifar(**kwargs) -> SASACifarResNet:
     """leaderj1001 CIFAR ResNet-50 (AttentionConv bottlenecks)."""
     return SASACifarResNet(_LAYERS[50], **kwargs)
 
 
+@register_hook
 def leader_checkpoint_kwargs(checkpoint: Any) -> dict:
     """``model_kwargs`` hook of ``convert/sasa-leader.yaml``: constructor kwargs read off a leaderj1001 checkpoint.
 
@@ -283,8 +288,19 @@ def leader_checkpoint_kwargs(checkpoint: Any) -> dict:
     the stem and the class count follow from the keys.
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else {}
+    if not isinstance(state, Mapping):
+        return {"bug_compatible": True}
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     kwargs: dict = {"bug_compatible": True, "stem": "attention" if "init.0.emb_a" in state else "conv"}
     if "dense.weight" in state:
         kwargs["num_classes"] = int(state["dense.weight"].shape[0])
     return kwargs
+
+
+@register_hook
+def leader_checkpoint_model(checkpoint: Any) -> Optional[str]:
+    """``model_name`` hook of ``convert/sasa-leader.yaml``: ``arch`` (main.py's ``--model_name``, 'ResNet26' /
+    'ResNet38' / 'ResNet50') as the registered CIFAR model, or None."""
+    arch = checkpoint.get("arch") if isinstance(checkpoint, Mapping) else None
+    depth = str(arch)[len("ResNet"):] if isinstance(arch, str) and arch.startswith("ResNet") else ""
+    return f"sasa_resnet{depth}_cifar" if depth.isdigit() and int(depth) in _LAYERS else None

@@ -25,13 +25,19 @@ How a build stays safe:
   under the lock). Readers therefore see either nothing or a complete
   build, torch's own ``lock`` file never lands in the cache (torch 2.13 hangs on a
   stale one), and a timed-out compiler can be killed. A folder without a valid
-  manifest, or whose library fails to load, is rebuilt.
+  manifest, or whose library fails to load, is rebuilt. Every failure (a compiler
+  error, no ninja, a timeout, Ctrl-C) removes the private folder.
+* The child leads its own process group, so a timeout or Ctrl-C stops ninja and the
+  compilers with it (ninja runs each compiler in a group of its own and passes SIGTERM
+  on), and it stops them the same way when the builder dies (even ``kill -9``), so no
+  compiler outlives the process that asked for it.
 
 An op module (:mod:`zoo.ops.rpe_index`, :mod:`zoo.ops.neighborhood_attn`) registers its fake
 kernels and autograd with :func:`on_load` and asks :func:`use_native` on every call.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -172,7 +178,7 @@ class _Recipe:
 
 def _recipe(name: str, cuda: bool | None, source_dir: Path | None) -> _Recipe:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"native op name {name!r} must be an identifier (letters, digits, '_')")
+        raise OpsError(f"native op name {name!r} must be an identifier (letters, digits, '_')")
     folder = Path(source_dir) if source_dir is not None else ops_dir() / name
     if not folder.is_dir():
         known = sorted(p.name for p in ops_dir().iterdir() if p.is_dir()) if ops_dir().is_dir() else []
@@ -220,9 +226,25 @@ def _recipe(name: str, cuda: bool | None, source_dir: Path | None) -> _Recipe:
 # Runs in a child process: it compiles (and, as a check, loads) the library in
 # the private folder. A child keeps torch's in-process JIT state out of ours,
 # can be killed on timeout, and its output is shown only when the build fails.
+# It leads its own process group. SIGTERM to that group stops the build: ninja
+# passes it on to the compilers (which it runs in process groups of their own)
+# and exits, then this process kills what is left of its group. It sends that
+# SIGTERM itself when the builder that started it dies, even by SIGKILL.
 _BUILD_SCRIPT = r"""
-import json, sys
+import json, os, signal, sys, threading, time
 job = json.loads(sys.argv[1])
+
+def stop(*_):
+    time.sleep(1.0)  # ninja's turn: it stops its compilers and exits
+    os.killpg(0, signal.SIGKILL)
+
+def die_with_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.killpg(0, signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, stop)
+threading.Thread(target=die_with_parent, args=(job["parent"],), daemon=True).start()
 from torch.utils.cpp_extension import load
 load(name=job["module"], sources=job["sources"], extra_cflags=job["cflags"],
      extra_cuda_cflags=job["cuda_cflags"], extra_ldflags=job["ldflags"],
@@ -276,10 +298,17 @@ def _estimate(recipe: _Recipe, root: Path) -> str:
 
 def _compile(recipe: _Recipe, root: Path) -> Path:
     """Compile into a private folder, write the manifest, move it into place. Caller holds the lock."""
-    final = root / recipe.folder
     tmp = root / f"{recipe.folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _compile_in(recipe, root, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failure's leftovers; a success moved the folder away
+
+
+def _compile_in(recipe: _Recipe, root: Path, tmp: Path) -> Path:
+    final = root / recipe.folder
     verbose = env_flag("RELZOO_OPS_VERBOSE") is True
     kind = "CPU + CUDA" if recipe.cuda else "CPU"
     print(f"RelZoo: compiling native op '{recipe.name}' ({kind}) for first use, {_estimate(recipe, root)}; "
@@ -287,7 +316,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
 
     job = {"module": recipe.module, "sources": [str(s) for s in recipe.sources], "cflags": recipe.cflags,
            "cuda_cflags": recipe.cuda_cflags, "ldflags": recipe.ldflags, "include_paths": recipe.include_paths,
-           "build_dir": str(tmp), "cuda": recipe.cuda, "verbose": verbose}
+           "build_dir": str(tmp), "cuda": recipe.cuda, "verbose": verbose, "parent": os.getpid()}
     env = {**os.environ, **recipe.env}
     _ninja_path_env(env)
     timeout = env_seconds("RELZOO_OPS_BUILD_TIMEOUT", 1800.0)
@@ -299,9 +328,7 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except BaseException as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _stop(proc)
         if isinstance(exc, subprocess.TimeoutExpired):
             raise OpsError(f"building native op '{recipe.name}' took longer than {timeout:g} s and was stopped "
                            f"(RELZOO_OPS_BUILD_TIMEOUT)") from None
@@ -310,7 +337,6 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     output = output.strip()
     library = tmp / f"{recipe.module}.so"
     if proc.returncode != 0 or not library.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
         tail = output[-12000:] if output else "(no output)"
         # gcc/clang "file:12:3: error: ...", nvcc "file(12): error: ..."; else the last line (e.g. ninja's)
         first_error = next((line.strip() for line in output.splitlines()
@@ -338,6 +364,18 @@ def _compile(recipe: _Recipe, root: Path) -> Path:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     replace_dir(tmp, final)  # replaces an invalid leftover (the caller checked it under the lock)
     return final / library.name
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a build: SIGTERM to its process group (see :data:`_BUILD_SCRIPT`), SIGKILL if it is still there."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def build(name: str, cuda: bool | None = None, *, source_dir: str | Path | None = None) -> Path:

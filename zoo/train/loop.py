@@ -1,5 +1,6 @@
 """``zoo.train.train``: train a registered model on a dataset in its original on-disk format, seeded
 and deterministic on CPU, and write a converted-format folder (``python -m zoo train`` calls it).
+Training starts from the constructor's initialisation, or from given weights (``weights``: fine-tuning).
 
 The task - the training data and the loss - is the one registered for the model config's
 ``eval.protocol`` (:mod:`zoo.train.tasks`). Everything random is drawn from generators seeded by
@@ -29,7 +30,10 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from zoo import weights as weights_lib
+from zoo._fs import sha256_file
 from zoo.data.synthetic import MARKER
+from zoo.errors import ConfigError
 from zoo.factory import create_model
 from zoo.hub import DOWNLOADING_KWARGS, model_card, write_model_folder
 from zoo.paths import progress_bar
@@ -116,6 +120,13 @@ class _Deterministic:
         return False
 
 
+def _weights_sha256(cfg, weights: str) -> str:
+    """sha256 of the weights a run started from (a folder's model.safetensors), for config.json."""
+    entry = cfg.weights.get(weights)
+    path = weights_lib.fetch(*((entry.source, entry.sha256) if entry is not None else (weights, None)))
+    return sha256_file(path / "model.safetensors" if path.is_dir() else path)
+
+
 def _lr_factor(step: int, total: int, schedule: str) -> float:
     """Multiplier of the base lr at ``step`` (0-based) of ``total``: constant, or cosine decay to 1%."""
     if schedule == "constant" or total <= 1:
@@ -129,7 +140,7 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
           num_instances: int = 4, preprocessing: Optional[Mapping] = None,
           log: Optional[Callable[[str], None]] = print, plots: bool = True,
           validate: Optional[Callable[[torch.nn.Module], Mapping[str, float]]] = None,
-          weights: Optional[str] = None, **model_overrides) -> Path:
+          weights: Optional[str] = None, same_size_batches: float = 0.0, **model_overrides) -> Path:
     """Train the registered model ``name`` on ``data_dir`` (from scratch, or fine-tune ``weights``) and
     write it to ``out_dir``.
 
@@ -147,6 +158,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         num_instances: K of the re-id P x K batches.
         preprocessing: fields overriding the config's :class:`~zoo.config.Preprocessing`
             (e.g. ``{"input_size": [64, 32]}``).
+        same_size_batches: detection: the share of each epoch's batches made of images of (nearly) one
+            size, so (nearly) unpadded (:mod:`zoo.train.tasks`); 0 = every batch random.
         log: called with one line per epoch (None: silent).
         plots: draw ``loss.png`` (and ``metrics.png``) into the folder; needs matplotlib (the ``viz``
             extra): without it a warning says so and nothing is drawn.
@@ -157,20 +170,21 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         weights: start from these weights (a tag of the model's config, a path, URL or ``hf://``)
             instead of the constructor's initialisation; with ``num_classes`` in ``model_overrides``
             the classifier starts new (:func:`zoo.create_model`'s rule): fine-tuning to other classes.
+            config.json records the source and its sha256.
         **model_overrides: constructor kwargs over the config's (recorded in config.json).
 
     Returns ``out_dir``; ``zoo.create_model(name, weights=out_dir)`` loads the result.
     """
     base, tag = split_name(name)
     if tag is not None:
-        raise ValueError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
+        raise ConfigError(f"train a model by its name without a weights tag ('{base}', not '{name}'; "
                          f"to start from those weights pass weights='{tag}')")
     if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
     if lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = model_info(base)
     kwargs = _json_kwargs({**cfg.kwargs, **model_overrides})
@@ -185,7 +199,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
         kwargs = _json_kwargs(model.pretrained_cfg.model_kwargs)  # with what a weights folder recorded
         model.train()
         task = build_task(model, cfg, data_dir, batch_size=batch_size, seed=seed, limit=limit,
-                          preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs)
+                          preprocessing=preprocessing, num_instances=num_instances, model_kwargs=kwargs,
+                          same_size_batches=same_size_batches)
         if max_grad_norm is None:
             max_grad_norm = 0.1 if isinstance(task, DetrTask) else 0.0
         params = [p for p in model.parameters() if p.requires_grad]
@@ -228,6 +243,8 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
               "loss_per_epoch": [round(x, 6) for x in history], "torch": torch.__version__}
     if isinstance(task, ReidTask):
         record["num_instances"] = num_instances
+    if same_size_batches:
+        record["same_size_batches"] = same_size_batches
     if validation:
         record["val_metrics_per_epoch"] = {metric: [round(v, 4) for v in values] for metric, values in validation.items()}
     drawn = {}
@@ -237,6 +254,7 @@ def train(name: str, data_dir: Union[str, Path], out_dir: Union[str, Path], *, e
             drawn["metrics.png"] = figure_png(plot_metrics(validation, title=f"{base}: validation after each epoch"))
     if weights is not None:
         record["initial_weights"] = str(weights)
+        record["initial_weights_sha256"] = _weights_sha256(cfg, str(weights))
     config = {"model": base, "kwargs": kwargs, "source": "trained by zoo train", "train": record}
     start = f"from the `{weights}` weights" if weights is not None else "from scratch"
     origin = (f"Trained {start} by `python -m zoo train {base}` on `{record['dataset']['name']}` "

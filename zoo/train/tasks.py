@@ -20,6 +20,12 @@ ssv        Something-Something lists + frames       cross-entropy
 Every random draw comes from a generator seeded by ``(seed, epoch, ...)``: the sample order and
 each sample's augmentation (:mod:`zoo.data.transforms`), so the same (seed, epoch) always gives
 the same batches.
+
+Detectors pad a batch to its largest image. A detector trained only on such batches learns the
+padding's borders and loses accuracy on images that are not padded (a batch of one, or the largest
+image of a batch). ``same_size_batches`` (a fraction, detection tasks only) makes that share of each
+epoch's batches out of images of nearly the same size, which are (nearly) unpadded, so the model
+sees both kinds of border.
 """
 from __future__ import annotations
 
@@ -39,8 +45,8 @@ from zoo.data.config import create_transform, resolve_data_config
 from zoo.data.imagefolder import ImageFolder, load_rgb
 from zoo.data.reid import read_market1501_train
 from zoo.data.ssv import read_split
-from zoo.data.transforms import DEFAULT_NUM_FRAMES, DetectorTrainTransform, randint
-from zoo.errors import DatasetError
+from zoo.data.transforms import DEFAULT_NUM_FRAMES, DetectorTrainTransform, detr_resize_size, randint
+from zoo.errors import ConfigError, DatasetError
 from zoo.losses import CrossEntropyLabelSmooth, SetCriterion, TripletLoss, box_xyxy_to_cxcywh
 
 __all__ = ["register_task", "build_task", "TrainTask", "CocoTask", "DetrTask", "TorchvisionDetectionTask",
@@ -71,14 +77,29 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _batches_in_order(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
-    """A seeded permutation of range(n) cut into batches; an incomplete last batch is dropped unless it is the
-    only one (a batch of one would break BatchNorm statistics and the set losses gain nothing from it)."""
-    order = torch.randperm(n, generator=gen).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def _cut(order: list[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into batches; an incomplete last batch is dropped unless it is the only one (a batch
+    of one would break BatchNorm statistics and the set losses gain nothing from it)."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def _batches_in_order(n: int, batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """A seeded permutation of range(n) cut into batches (:func:`_cut`)."""
+    return _cut(torch.randperm(n, generator=gen).tolist(), batch_size)
+
+
+def _batches_partly_by_size(sizes: list[tuple[int, int]], batch_size: int, fraction: float,
+                            gen: torch.Generator) -> list[list[int]]:
+    """A seeded permutation of range(len(sizes)) whose first ``fraction`` of samples is sorted by size
+    (stable, so equal sizes stay in random order) before both parts are cut into batches; the batches
+    are then shuffled together. Batches of the sorted part hold images of (nearly) one size."""
+    order = torch.randperm(len(sizes), generator=gen).tolist()
+    split = int(round(fraction * len(order)))
+    batches = _cut(sorted(order[:split], key=sizes.__getitem__), batch_size) + _cut(order[split:], batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 # =============================================================================================
@@ -98,11 +119,18 @@ class TrainTask:
     task = ""  # the model config's task whose augmentation this task uses (zoo.data.create_transform)
 
     def __init__(self, data_dir: Path, *, batch_size: int, seed: int = 0, limit: Optional[int] = None,
-                 preprocessing: Optional[Mapping] = None, options: Optional[dict] = None):
+                 preprocessing: Optional[Mapping] = None, options: Optional[dict] = None,
+                 same_size_batches: float = 0.0):
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not (isinstance(same_size_batches, (int, float)) and 0 <= same_size_batches <= 1):
+            raise ConfigError(f"same_size_batches must be a fraction in [0, 1], got {same_size_batches!r}")
+        if same_size_batches and type(self).sample_size is TrainTask.sample_size:
+            raise ConfigError(f"same_size_batches applies to detection training (padded batches); "
+                              f"'{self.protocol}' batches are not padded")
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
+        self.same_size_batches = float(same_size_batches)
         self.seed = int(seed)
         self.limit = limit
         self.preprocessing = Preprocessing.parse(preprocessing or {}, "training preprocessing")
@@ -140,12 +168,20 @@ class TrainTask:
         """The scalar training loss of ``model`` (in train mode) on ``batch``."""
         raise NotImplementedError
 
+    def sample_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of sample ``index`` as the model gets it; tasks whose batches are padded implement it."""
+        raise NotImplementedError
+
     # -- shared -------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> list[list[int]]:
-        """The sample indices of each batch of ``epoch``."""
+        """The sample indices of each batch of ``epoch`` (``same_size_batches`` of them by size, module doc)."""
         if len(self) == 0:
             raise DatasetError(f"no training samples in {self.data_dir}")
-        return _batches_in_order(len(self), self.batch_size, _generator(self.seed, epoch, 0))
+        gen = _generator(self.seed, epoch, 0)
+        if self.same_size_batches:
+            sizes = [self.sample_size(i) for i in range(len(self))]
+            return _batches_partly_by_size(sizes, self.batch_size, self.same_size_batches, gen)
+        return _batches_in_order(len(self), self.batch_size, gen)
 
     def batches(self, epoch: int) -> Iterator:
         for step, indices in enumerate(self.epoch_indices(epoch)):
@@ -211,6 +247,17 @@ class CocoTask(TrainTask):
     def collate(self, samples: list):
         return [image for image, _ in samples], [target for _, target in samples]
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of image ``index`` from the annotation file (no image is read)."""
+        info = self.coco.coco.imgs[self.coco.ids[index]]
+        if not all(isinstance(info.get(k), int) for k in ("height", "width")):
+            raise DatasetError(f"{self.coco.ann_file}: image {info.get('id')} has no integer height/width, which "
+                               "same_size_batches needs")
+        return info["height"], info["width"]
+
+    def sample_size(self, index: int) -> tuple[int, int]:
+        return self.image_size(index)
+
     def describe(self) -> dict:
         return {**super().describe(), "split": self.split}
 
@@ -231,6 +278,10 @@ class DetrTask(CocoTask):
         super().__init__(data_dir, **kwargs)
         self.transform = self.train_transform(hflip=self.flip)
         self._criterion = None
+
+    def sample_size(self, index: int) -> tuple[int, int]:
+        height, width = self.image_size(index)
+        return detr_resize_size(width, height, self.transform.resize_shorter, self.transform.max_size)
 
     def sample(self, index: int, gen: torch.Generator):
         image, boxes, labels = self.load(index)
@@ -312,14 +363,14 @@ class ReidTask(TrainTask):
     def __init__(self, data_dir: Path, *, num_instances: int = 4, **kwargs):
         super().__init__(data_dir, **kwargs)
         if not isinstance(num_instances, int) or num_instances < 1:
-            raise ValueError(f"num_instances (K) must be a positive int, got {num_instances!r}")
+            raise ConfigError(f"num_instances (K) must be a positive int, got {num_instances!r}")
         if self.batch_size % num_instances:
-            raise ValueError(f"re-id batch_size ({self.batch_size}) must be a multiple of num_instances K "
+            raise ConfigError(f"re-id batch_size ({self.batch_size}) must be a multiple of num_instances K "
                              f"({num_instances}): a batch is P identities x K images")
         self.num_instances = num_instances
         self.num_identities_per_batch = self.batch_size // num_instances
         if self.num_identities_per_batch < 2:
-            raise ValueError(f"re-id batches need P >= 2 identities for the triplet loss; batch_size "
+            raise ConfigError(f"re-id batches need P >= 2 identities for the triplet loss; batch_size "
                              f"{self.batch_size} / K {num_instances} = {self.num_identities_per_batch}")
         images = read_market1501_train(self.data_dir)
         self.images = images[:self.limit] if self.limit is not None else images
@@ -348,7 +399,7 @@ class ReidTask(TrainTask):
         task = cls(data_dir, num_instances=num_instances, **common)
         built_for = (model_kwargs.get("height"), model_kwargs.get("width"))
         if built_for[0] is not None and (task.height, task.width) != built_for:
-            raise ValueError(f"re-id input_size {[task.height, task.width]} differs from the model's "
+            raise ConfigError(f"re-id input_size {[task.height, task.width]} differs from the model's "
                              f"height x width {built_for[0]} x {built_for[1]}")
         return task
 
@@ -539,7 +590,7 @@ class VideoTask(TrainTask):
 
 def build_task(model: nn.Module, model_config: ModelConfig, data_dir: Union[str, Path], *, batch_size: int,
                seed: int = 0, limit: Optional[int] = None, preprocessing: Optional[Mapping] = None,
-               num_instances: int = 4, model_kwargs: Optional[dict] = None) -> TrainTask:
+               num_instances: int = 4, model_kwargs: Optional[dict] = None, same_size_batches: float = 0.0) -> TrainTask:
     """The training task registered for the config's ``eval.protocol``, made for ``model``.
 
     The preprocessing is the config's, then what the constructor kwargs ``model_kwargs`` fix (the
@@ -549,11 +600,12 @@ def build_task(model: nn.Module, model_config: ModelConfig, data_dir: Union[str,
     options = dict(model_config.eval or {})
     protocol = options.pop("protocol", None)
     if protocol not in _tasks:
-        raise ValueError(f"model '{model_config.name}' has eval protocol {protocol!r}; `zoo train` knows "
+        raise ConfigError(f"model '{model_config.name}' has eval protocol {protocol!r}; `zoo train` knows "
                          f"{', '.join(sorted(_tasks))}")
     task_cls = _tasks[protocol]
     model_kwargs = dict(model_kwargs or {})
     pre = Preprocessing.parse({**model_config.preprocessing, **task_cls.preprocessing_of_model(model_kwargs),
                                **(preprocessing or {})}, "training preprocessing")
     return task_cls.for_model(model, Path(data_dir), model_kwargs=model_kwargs, num_instances=num_instances,
-                              batch_size=batch_size, seed=seed, limit=limit, preprocessing=pre, options=options)
+                              batch_size=batch_size, seed=seed, limit=limit, preprocessing=pre, options=options,
+                              same_size_batches=same_size_batches)

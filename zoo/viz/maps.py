@@ -213,7 +213,7 @@ def bucket_map(rpe: iRPE, height: int, width: int, query: Sequence[int], skip: i
     ``reverse``: the bucket of (key, query) instead, which is what the q table of an attention reads.
     """
     cfg = rpe.rpe_config
-    ids = get_bucket_ids_2d(rpe.method, height, width, skip, cfg["alpha"], cfg["beta"], cfg["gamma"])
+    ids, _ = get_bucket_ids_2d(rpe.method, height, width, skip, cfg["alpha"], cfg["beta"], cfg["gamma"])
     row = skip + query[0] * width + query[1]
     line = ids[skip:, row] if reverse else ids[row, skip:]
     return line.reshape(height, width)

@@ -47,7 +47,7 @@ from zoo.data.synthetic.detection import DET_CATEGORIES, HAND_CATEGORIES, make_r
 from zoo.data.synthetic.layout import MARKER, SIZES, SPLITS, _splits
 from zoo.data.synthetic.reid import _expected_random_ap, make_shapes_reid  # noqa: F401  (tests check the chance level)
 from zoo.data.synthetic.video import VIDEO_CLASSES, make_moving_shapes
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 
 __all__ = ["DATASETS", "SUMMARIES", "SIZES", "SPLITS", "MARKER", "make_dataset", "dataset_info", "summary",
            "DET_CATEGORIES", "HAND_CATEGORIES", "VIDEO_CLASSES", "CLS_CLASSES", "CLS_WNIDS"]
@@ -83,7 +83,7 @@ def make_dataset(kind: str, out: Path, split: str = "all", seed: int = 0, size: 
     the same kind (then only the requested split's files are replaced).
     """
     if kind not in DATASETS:
-        raise ValueError(f"unknown synthetic dataset kind {kind!r}; known: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown synthetic dataset kind {kind!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[kind](Path(out), split=split, seed=seed, size=size)
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from zoo.data.synthetic.draw import _rng, _save_jpeg, _write_json
-from zoo.errors import DatasetError
+from zoo.errors import ConfigError, DatasetError
 from zoo.paths import progress_bar
 
 SIZES = ("default", "tiny")
@@ -78,11 +78,11 @@ def _finish(out: Path, info: dict, split: str, seed: int, size: str, counts: dic
 def _check_common(split: str, seed: int, size: str) -> None:
     """The arguments every generator takes (its kind is checked by ``make_dataset``)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        raise ConfigError(f"size must be one of {SIZES}, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 # =============================================================================================
