@@ -246,7 +246,21 @@ def test_cli_export_rejects_bad_arguments(tmp_path, capsys):
     assert main(["export", "rpa_cifar_toy", "--format", "onnx", "--out", str(tmp_path / "o"),
                  "--input-size", "1", "2", "3", "4"]) == 2
     assert "input_size" in capsys.readouterr().err
+    for size, named in [(["0", "32"], "height must be in [1, 8192], got 0"),
+                        (["32", "100000"], "width must be in [1, 8192], got 100000"),
+                        (["-3", "32", "32"], "channels must be in [1, 1024], got -3")]:
+        assert main(["export", "rpa_cifar_toy", "--format", "onnx", "--out", str(tmp_path / "o"),
+                     "--input-size", *size]) == 2
+        assert named in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_forward_export_checks_its_batch():
+    model = zoo.create_model("handraise_rpa_mini").eval()
+    with pytest.raises(zoo.errors.InputError, match=r"3 input channels"):
+        model.forward_export(torch.rand(1, 4, 64, 64))
+    with pytest.raises(zoo.errors.InputError, match=r"shape \(B, 3, H, W\)"):
+        model.forward_export(torch.rand(3, 64, 64))
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ Needs the ``export`` extra for ONNX (``pip install 'relzoo[export]'``: onnx, onn
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from zoo._fs import atomic_write_text, replace_dir
+from zoo.config import KWARG_LIMITS
 from zoo.data.config import TASK_KINDS, resolve_data_config
 from zoo.errors import ConfigError, DependencyError
 from zoo.factory import create_model
@@ -104,6 +106,11 @@ def example_input(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
         if len(size) not in (2, 3):
             raise ConfigError(f"input_size must be (H, W) or (C, H, W), got {list(input_size)}")
         channels, size = (size[0], size[1:]) if len(size) == 3 else (channels, size)
+        # the bounds of a model's own size kwargs (zoo.config): past them tracing would only run out of memory
+        for what, value, limit in [("channels", channels, KWARG_LIMITS["in_chans"]),
+                                   *((side, v, KWARG_LIMITS[side]) for side, v in zip(("height", "width"), size))]:
+            if not 1 <= value <= limit:
+                raise ConfigError(f"input_size: {what} must be in [1, {limit}], got {value}")
     elif "input_size" in config:
         size = tuple(config["input_size"][-2:])
     else:
@@ -161,9 +168,16 @@ def to_onnx(model: Union[nn.Module, torch.export.ExportedProgram], example: Opti
     program = model if isinstance(model, torch.export.ExportedProgram) else \
         to_exported_program(model, example, input_size=input_size, dynamic_batch=dynamic_batch)
     meta = program.graph_module.meta
-    return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[meta["input_name"]],
-                             output_names=list(meta["output_names"]), custom_translation_table=table,
-                             optimize=True, verbose=False)
+    # onnxscript's optimizer warns once per Split node it leaves unfolded: normal, and noise on every export
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[meta["input_name"]],
+                                 output_names=list(meta["output_names"]), custom_translation_table=table,
+                                 optimize=True, verbose=False)
+    finally:
+        folding_log.setLevel(level)
 
 
 def check_onnx(onnx_path: Union[str, Path], model: nn.Module, inputs: torch.Tensor) -> dict:

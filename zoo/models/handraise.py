@@ -269,8 +269,8 @@ class HandRaiseRCNN(FasterRCNN):
         ``batched_nms`` trick), and the survivors are picked by ``topk``; RoI pooling computes every
         proposal on every pyramid level and keeps its own level's result.
         """
-        if images.dim() != 4:
-            raise ValueError(f"forward_export takes a (B, C, H, W) batch, got {tuple(images.shape)}")
+        check_batch(images, model="HandRaiseRCNN.forward_export", layout=f"(B, {self.backbone.body.in_chans}, H, W)",
+                    rank=4, channels=self.backbone.body.in_chans, dtype=weight_dtype(self))
         height, width = images.shape[-2:]
         x, resized = self._export_transform(images)
         features = self.backbone(x)
