@@ -12,6 +12,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+EXPORT = ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"]  # the dynamo ONNX exporter and its check
 DATA_DIRS = ("configs", "convert", "ops", "weights")  # weights/: our own small checkpoints (RelZoo-mini)
 
 
@@ -51,10 +52,11 @@ setup(
     extras_require={
         # websocket-client: the site test drives headless Chromium through the DevTools protocol
         "test": ["pytest>=7", "pytest-timeout", "pycocotools>=2.0.7", "build", "wheel", "matplotlib>=3.5",
-                 "websocket-client>=1.0"],
+                 "websocket-client>=1.0", *EXPORT],
         "coco": ["pycocotools>=2.0.7"],
         "video": ["pillow"],
         "viz": ["matplotlib>=3.5"],  # zoo visualize, zoo site, and the plots of zoo train / zoo eval
+        "export": EXPORT,            # zoo export --format onnx (and its onnxruntime check)
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main", "relzoo=zoo.cli:main"]},
     cmdclass={"build_py": BuildPyWithData},

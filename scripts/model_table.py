@@ -1,7 +1,10 @@
 """Regenerate README.md's generated tables (``--check`` fails when one is stale).
 
 - ``model-table``: every registered model, from the registry and ``configs/``;
-- ``env-table``: every environment variable RelZoo reads, from ``zoo.paths.ENVIRONMENT``.
+- ``env-table``: every environment variable RelZoo reads, from ``zoo.paths.ENVIRONMENT``;
+- ``export-table``: which model exports to what, from ``docs/export_support.json``, which
+  ``pytest tests/test_export.py --export-table docs/export_support.json`` writes (the minis and one
+  full-size model per family).
 
 Each sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 
@@ -11,6 +14,7 @@ Each sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import zoo  # noqa: E402
 from zoo.paths import environment_table  # noqa: E402
 
 README = REPO / "README.md"
+EXPORT_SUPPORT = REPO / "docs" / "export_support.json"
 
 
 def model_table() -> str:
@@ -34,7 +39,21 @@ def model_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"model-table": model_table, "env-table": environment_table}
+def export_table() -> str:
+    rows = json.loads(EXPORT_SUPPORT.read_text(encoding="utf-8"))
+    lines = ["| model | weights | input | torch.export | ONNX + onnxruntime (max abs diff) | torch.compile | "
+             "bf16 autocast (cosine) | memory format |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        onnx = row["onnx"]
+        diff = "runs; random weights: near-tied detections" if onnx["max_abs_diff"] is None else \
+            f"{onnx['max_abs_diff']:.0e}"
+        lines.append(f"| `{name}` | {row['weights']} | {' x '.join(map(str, row['input']))} | {row['torch.export']} | "
+                     f"opset {onnx['opset']}, dynamic batch ({diff}) | {row['torch.compile']} | "
+                     f"{row['bf16_autocast_cosine']:.5f} | `{row['memory_format']}` |")
+    return "\n".join(lines)
+
+
+TABLES = {"model-table": model_table, "env-table": environment_table, "export-table": export_table}
 
 
 def render(text: str) -> str:

@@ -43,6 +43,11 @@ def load_case(family: str, case: str):
     return meta, tensors
 
 
+def pytest_addoption(parser):
+    parser.addoption("--export-table", metavar="PATH",
+                     help="tests/test_export.py: also write the rows of README's export table to this JSON file")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own RELZOO_HOME so no test reads another's cache; compiled ops stay shared."""

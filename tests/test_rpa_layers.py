@@ -422,5 +422,5 @@ def test_tables_are_cached_per_size():
         block(torch.randn(1, 4, 5, 6))
     block(torch.randn(1, 4, 6, 5))
     assert rpa._relative_map.cache_info().misses == 2
-    info = rpa._relative_taps.cache_info()
-    assert info.misses == 2 and info.hits >= 2
+    # built once per size; the block keeps its last taps, so repeated calls at one size skip even the lookup
+    assert rpa._relative_taps.cache_info().misses == 2

@@ -69,9 +69,10 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from zoo.export import export_model
 
-    out = export_model(args.name, args.out, weights=args.weights, repo_id=args.push or args.repo_id,
+    out = export_model(args.name, args.out, weights=args.weights, format=args.format, input_size=args.input_size,
+                       dynamic_batch=args.dynamic_batch, repo_id=args.push or args.repo_id,
                        eval_results=args.eval_results, push=bool(args.push))
-    print(f"exported {args.name} -> {out}" + (f" and pushed to hf://{args.push}" if args.push else ""))
+    print(f"exported {args.name} ({args.format}) -> {out}" + (f" and pushed to hf://{args.push}" if args.push else ""))
     return 0
 
 
@@ -218,11 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights that hold NaN or inf")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("export", help="write a Hugging Face-ready folder",
-                       description="Write model.safetensors, config.json and a model card for upload to the Hub.")
+    p = sub.add_parser("export", help="write a Hugging Face-ready folder, an ONNX model or a torch.export program",
+                       description="--format hf (default): model.safetensors, config.json and a model card for upload "
+                                   "to the Hub. onnx: model.onnx (dynamo exporter, opset 18, checked against PyTorch "
+                                   "with onnxruntime) and export.json (inputs, outputs, preprocessing). "
+                                   "exported-program: model.pt2 (torch.export) and export.json.")
     p.add_argument("name", help="model or model.tag")
+    p.add_argument("--format", choices=["hf", "onnx", "exported-program"], default="hf")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", help="weights source (default: the tag's or default weights; random if none)")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                   help="onnx / exported-program: H W or C H W of the exported input (default: the preprocessing's "
+                        "size; detectors: a square of their resize_shorter)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="onnx / exported-program: a symbolic batch dimension (default: the batch size is fixed to 1)")
     p.add_argument("--repo-id", metavar="ORG/NAME", help="the Hub repo the folder is for (its source and usage line)")
     p.add_argument("--eval-results", metavar="FILE", help="a `zoo eval --out` JSON: its metrics go into the card")
     p.add_argument("--push", metavar="ORG/NAME", help="also upload the folder to this Hub repo (HF_TOKEN, HF_ENDPOINT)")

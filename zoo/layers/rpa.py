@@ -719,8 +719,15 @@ class _MultiheadNonlocalNd(nn.Module):
                              dtype, device)
 
     def _taps(self, sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> PairTaps:
-        return _relative_taps(self.rpa_mode, self._method, self.rpa_kernel_size, sizes, self._legacy(sizes),
-                              self._table_shape(sizes), dtype, device)
+        # The last taps are kept on the module too: torch.compile traces through lru_cache (it ignores the
+        # cache) but reads a module attribute as a constant, so a warm module compiles without graph breaks.
+        key = (sizes, dtype, torch.device(device))
+        cached = getattr(self, "_last_taps", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _relative_taps(self.rpa_mode, self._method, self.rpa_kernel_size, sizes,
+                                          self._legacy(sizes), self._table_shape(sizes), dtype, device))
+            self._last_taps = cached
+        return cached[1]
 
     def _table_shape(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
         if self._legacy(sizes):
@@ -779,7 +786,10 @@ class _MultiheadNonlocalNd(nn.Module):
                          value_term=Term(a_v.transpose(1, 2), taps))
         y = relative_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), **terms,
                                backend=self.backend, what=what)                # (B, h, N, d)
-        out = self.output_conv(y.transpose(-1, -2).reshape(batch, heads * d, *sizes), output_size=list(x.shape[2:]))
+        # contiguous before the transposed conv: on a channels-last-strided view the CPU kernel answers in
+        # contiguous layout but torch.export's fake kernel in channels-last, and exported views would not fit
+        y = y.transpose(-1, -2).contiguous().view(batch, heads * d, *sizes)
+        out = self.output_conv(y, output_size=list(x.shape[2:]))
         return out + x if self.residual else out
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:

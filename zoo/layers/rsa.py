@@ -120,7 +120,9 @@ def rsa_core_reference(q: Tensor, k: Optional[Tensor], v: Tensor, H1: Optional[T
             gam = gam + I
         feature = torch.bmm(gam.transpose(1, 2), feature)  # (NP, u, dd)
     out = torch.bmm(feature, kernel.transpose(1, 2))  # (NP, u, nh)
-    return out.reshape(N, T, H, W, dv * nh).permute(0, 4, 1, 2, 3)
+    # contiguous, as the chunked path's: a channels-last-strided output would make the next 3-D convolutions
+    # channels-last on the CPU but not in torch.export's fake tensors, and the exported views would not fit
+    return out.reshape(N, T, H, W, dv * nh).permute(0, 4, 1, 2, 3).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,10 +476,18 @@ class RSA(nn.Module):
         params = (self.H1.weight if hasattr(self, "H1") else None, self.H2.weight,
                   self.G.weight if hasattr(self, "G") else None,
                   getattr(self, "P1", None), getattr(self, "I", None))
-        if resolve(self.backend, PURE_TORCH, "RSA backend") == "reference":
+        # torch.export: the reference formulation, whose ops do not depend on the batch size (the chunked
+        # one slices the batch by a budget, which would fix the exported batch size)
+        if resolve(self.backend, PURE_TORCH, "RSA backend") == "reference" or torch.compiler.is_exporting():
             out = rsa_core_reference(q, k, v, *params, self.dims)
         else:
             out = rsa_core_chunked(q, k, v, *params, self.dims, budget=self.chunk_budget)
         if max(self.stride) > 1:
-            out = self.avgpool(out)
+            # self.avgpool's (1, 3, 3) window frame by frame as a 2-D pool: the same numbers, and CPU has a
+            # bfloat16 / float16 kernel for avg_pool2d, not for avg_pool3d
+            pool = self.avgpool
+            n, c, t = out.shape[:3]
+            out = F.avg_pool2d(out.flatten(1, 2), pool.kernel_size[1:], pool.stride[1:], pool.padding[1:],
+                               pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
+            out = out.view(n, c, t, *out.shape[-2:])
         return out

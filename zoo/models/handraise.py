@@ -29,7 +29,9 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import FeaturePyramidNetwork, clip_boxes_to_image, nms, roi_align
+from torchvision.ops.poolers import _setup_scales
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -184,6 +186,16 @@ class HandRaiseRCNN(FasterRCNN):
         super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
         self.locality = locality
 
+    def forward(self, images, targets=None):
+        """torchvision's forward; a model in bfloat16 / float16 runs it under autocast in that dtype, which
+        gives torchvision's NMS (no reduced-precision CPU kernel) its float32 inputs."""
+        dtype = self.roi_heads.box_predictor.cls_score.weight.dtype
+        device = self.roi_heads.box_predictor.cls_score.weight.device.type
+        if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device):
+            with torch.autocast(device, dtype=dtype):
+                return super().forward(images, targets)
+        return super().forward(images, targets)
+
     @property
     def num_classes(self) -> int:
         return self.roi_heads.box_predictor.cls_score.out_features
@@ -240,6 +252,97 @@ class HandRaiseRCNN(FasterRCNN):
                      for v in (self.transform.image_mean, self.transform.image_std))
         return self.backbone.body.forward_intermediates((batch - mean) / std, indices)
 
+    # -- export (zoo.export): the same detections without data-dependent shapes --
+
+    def forward_export(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Fixed-size detections of a batch, for torch.export / ONNX: the eval-mode ``model(list(images))``
+        of torchvision without shapes that depend on the data.
+
+        images: (B, C, H, W) in [0, 1], one size for the batch. Returns ``boxes`` (B, N, 4) xyxy in input
+        pixels, ``scores`` (B, N), ``labels`` (B, N) int64 and ``num_detections`` (B,) int64, with N =
+        ``roi_heads.detections_per_img``: the first ``num_detections[b]`` rows of image b are torchvision's
+        detections of it in its order, the rest padding (box, score and label 0).
+
+        The same steps as torchvision's transform, RPN, RoI heads and postprocess, batched: filtered
+        proposals and detections are masked (score -inf) instead of removed, every (image, level) or
+        (image, class) group goes through one NMS with disjoint coordinate offsets (torchvision's
+        ``batched_nms`` trick), and the survivors are picked by ``topk``; RoI pooling computes every
+        proposal on every pyramid level and keeps its own level's result.
+        """
+        check_batch(images, model="HandRaiseRCNN.forward_export", layout=f"(B, {self.backbone.body.in_chans}, H, W)",
+                    rank=4, channels=self.backbone.body.in_chans, dtype=weight_dtype(self))
+        height, width = images.shape[-2:]
+        x, resized = self._export_transform(images)
+        features = self.backbone(x)
+        proposals, proposal_valid = self._export_proposals(x, list(features.values()), resized)
+        boxes, scores, labels, valid = self._export_detections(features, proposals, proposal_valid, resized)
+        ratio = boxes.new_tensor([width / resized[1], height / resized[0]] * 2)
+        keep = valid[..., None]
+        return OrderedDict(boxes=torch.where(keep, boxes * ratio, 0.0), scores=torch.where(valid, scores, 0.0),
+                           labels=torch.where(valid, labels, 0), num_detections=valid.sum(1))
+
+    def _export_transform(self, images: torch.Tensor):
+        """torchvision's GeneralizedRCNNTransform on a batch: normalise, resize (one scale), pad to a multiple of
+        32. Returns (batch, resized (h, w))."""
+        t = self.transform
+        mean = images.new_tensor(t.image_mean).view(-1, 1, 1)
+        std = images.new_tensor(t.image_std).view(-1, 1, 1)
+        height, width = images.shape[-2:]
+        scale = min(t.min_size[-1] / min(height, width), t.max_size / max(height, width))
+        x = F.interpolate((images - mean) / std, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                          align_corners=False)
+        resized = tuple(x.shape[-2:])
+        stride = t.size_divisible
+        padded = [-(-s // stride) * stride for s in resized]
+        return F.pad(x, (0, padded[1] - resized[1], 0, padded[0] - resized[0])), resized
+
+    def _export_proposals(self, x: torch.Tensor, features: list, resized):
+        """The RPN's proposals (B, P, 4) and their validity (B, P), P = min(post_nms_top_n, candidates)."""
+        rpn = self.rpn
+        batch = x.shape[0]
+        objectness, deltas = rpn.head(features)
+        generator = rpn.anchor_generator
+        generator.set_cell_anchors(features[0].dtype, features[0].device)
+        grid_sizes = [list(f.shape[-2:]) for f in features]
+        strides = [[x.shape[-2] // g[0], x.shape[-1] // g[1]] for g in grid_sizes]
+        anchors = torch.cat(generator.grid_anchors(grid_sizes, strides))                  # (A, 4), every image
+        per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode_single(deltas, anchors.repeat(batch, 1)).view(batch, -1, 4)
+        objectness = objectness.reshape(batch, -1)
+        top, levels, start = [], [], 0
+        for level, count in enumerate(per_level):  # top-n per level, as torchvision
+            k = min(rpn.pre_nms_top_n(), count)
+            top.append(objectness[:, start:start + count].topk(k, dim=1).indices + start)
+            levels += [level] * k
+            start += count
+        top = torch.cat(top, 1)
+        levels = torch.tensor(levels, device=x.device).expand(batch, -1)
+        scores = torch.sigmoid(objectness.gather(1, top))
+        boxes = clip_boxes_to_image(proposals.gather(1, top[..., None].expand(-1, -1, 4)), resized)
+        valid = _large_enough(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+        boxes, _, valid, _ = _nms_top(boxes, scores, valid, levels, len(per_level), rpn.nms_thresh,
+                                      rpn.post_nms_top_n())
+        return boxes, valid
+
+    def _export_detections(self, features, proposals: torch.Tensor, proposal_valid: torch.Tensor, resized):
+        """The RoI heads on (B, P, 4) proposals -> boxes (B, N, 4), scores, labels, valid (B, N)."""
+        heads = self.roi_heads
+        batch, num_proposals = proposals.shape[:2]
+        flat = proposals.reshape(-1, 4)
+        pooled = _roi_align_levels(heads.box_roi_pool, features, flat, batch, resized)
+        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+        num_classes = class_logits.shape[-1]
+        boxes = heads.box_coder.decode_single(box_regression, flat).reshape(batch, num_proposals, num_classes, 4)
+        boxes = clip_boxes_to_image(boxes, resized)[:, :, 1:].reshape(batch, -1, 4)     # background dropped
+        scores = F.softmax(class_logits, -1).reshape(batch, num_proposals, num_classes)[:, :, 1:].reshape(batch, -1)
+        labels = torch.arange(1, num_classes, device=boxes.device).repeat(num_proposals).expand(batch, -1)
+        valid = (proposal_valid.repeat_interleave(num_classes - 1, dim=1) & (scores > heads.score_thresh)
+                 & _large_enough(boxes, 1e-2))
+        boxes, scores, valid, keep = _nms_top(boxes, scores, valid, labels, num_classes, heads.nms_thresh,
+                                              heads.detections_per_img)
+        return boxes, scores, labels.gather(1, keep), valid
+
     @torch.no_grad()
     def coco_predictions(self, images: Sequence[torch.Tensor], orig_sizes: torch.Tensor) -> list[dict]:
         """Detections for COCO evaluation, in the format of DETR's PostProcess.
@@ -255,6 +358,49 @@ class HandRaiseRCNN(FasterRCNN):
             scale = det["boxes"].new_tensor([width / image.shape[-1], height / image.shape[-2]] * 2)
             out.append({"scores": det["scores"], "labels": det["labels"], "boxes": det["boxes"] * scale})
         return out
+
+
+def _large_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    """torchvision's remove_small_boxes as a mask: width and height >= min_size."""
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+
+
+def _nms_top(boxes, scores, valid, groups, num_groups: int, iou_threshold: float, top: int):
+    """Per image and group (level or class), NMS of the valid boxes; then each image's ``top`` best survivors.
+
+    boxes (B, K, 4), scores / valid / groups (B, K). One NMS over the whole batch: every (image, group) is
+    shifted to its own coordinate range (torchvision's ``batched_nms`` trick), invalid boxes score -inf (they
+    sort last and so never suppress a valid one). Returns boxes (B, T, 4), scores (B, T), valid (B, T) and
+    the picked indices (B, T) into K, best first, T = min(top, K)."""
+    batch, count = scores.shape
+    masked = torch.where(valid, scores, float("-inf"))
+    image = torch.arange(batch, device=boxes.device)[:, None]
+    offsets = ((image * num_groups + groups) * (boxes.max() + 1)).to(boxes.dtype)
+    # float32: torchvision's CPU NMS has no reduced-precision kernel
+    keep = nms((boxes + offsets[..., None]).reshape(-1, 4).float(), masked.reshape(-1).float(), iou_threshold)
+    kept = torch.zeros(batch * count, dtype=torch.bool, device=boxes.device).index_fill(0, keep, True)
+    ranked = torch.where(kept.view(batch, count) & valid, scores, float("-inf"))
+    best, picked = ranked.topk(min(top, count), dim=1)
+    return boxes.gather(1, picked[..., None].expand(-1, -1, 4)), best, torch.isfinite(best), picked
+
+
+def _roi_align_levels(pooler, features: "OrderedDict[str, torch.Tensor]", rois: torch.Tensor, batch: int,
+                      resized) -> torch.Tensor:
+    """torchvision's MultiScaleRoIAlign on (B*P, 4) boxes (P per image, image-major) without data-dependent
+    shapes: every box pooled from every level, each keeping its own level's result."""
+    maps = [features[name] for name in pooler.featmap_names]
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(maps, [tuple(resized)], pooler.canonical_scale,
+                                                         pooler.canonical_level)
+    image = torch.arange(batch, device=rois.device, dtype=rois.dtype).repeat_interleave(rois.shape[0] // batch)
+    indexed = torch.cat([image[:, None], rois], 1)
+    levels = pooler.map_levels([rois])
+    result = None
+    for level, (feature, scale) in enumerate(zip(maps, pooler.scales)):
+        pooled = roi_align(feature.float(), indexed.float(), pooler.output_size, spatial_scale=scale,  # as NMS
+                           sampling_ratio=pooler.sampling_ratio).to(feature.dtype)
+        result = pooled if result is None else torch.where((levels == level)[:, None, None, None], pooled, result)
+    return result
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list[float]:

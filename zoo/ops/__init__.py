@@ -8,6 +8,8 @@ Layout (NATTEN's convention: functional ops take ``backend=``, the layers in :mo
     zoo/ops/neighborhood_attn.py  SASA's neighbourhood attention: reference, dispatcher, fake kernels, autograd
     zoo/ops/relative_attn.py      fused attention with relative terms (iRPE, RPA, plain): reference, SDPA,
                                   FlexAttention and native paths, the RPA original's attend ops
+    zoo/ops/onnx.py               ONNX translations of the native ops (onnxscript; the ``export`` extra),
+                                  imported by zoo.export only
     ops/<name>/                   the kernel sources (C++ with OpenMP, CUDA), data, not Python
 
 Note that ``zoo.ops.build`` and ``zoo.ops.rpe_index`` are the functions of those names; import from

@@ -117,6 +117,24 @@ def _windows(x: torch.Tensor, hq: int, wq: int, kernel, stride, offset):
     return cols, mask
 
 
+def _has_empty_window(hq: int, wq: int, hk: int, wk: int, kernel, stride, offset) -> bool:
+    """Whether some query's window lies entirely outside the (Hk, Wk) key grid."""
+    def axis_empty(nq, nk, k, s, o):
+        return any(s * i + o + k - 1 < 0 or s * i + o >= nk for i in range(nq))
+    return axis_empty(hq, hk, kernel[0], stride[0], offset[0]) or axis_empty(wq, wk, kernel[1], stride[1], offset[1])
+
+
+def _autocast(tensors):
+    """The inputs in torch.autocast's dtype when autocast is on for their device (the layers' float32
+    parameters ``rel`` / ``mix`` meet activations in bfloat16 / float16 there), as autocast runs matmuls;
+    otherwise unchanged."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
 def neighborhood_attention_reference(q, k, v, rel=None, mix=None, *, kernel_size, stride=1, offset=0):
     """Unfold formulation of the op (see module docstring for shapes and semantics)."""
     kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
@@ -131,12 +149,14 @@ def neighborhood_attention_reference(q, k, v, rel=None, mix=None, *, kernel_size
         kwin = kwin + rel.permute(0, 2, 1).reshape(1, g, d, K, 1, 1)
     logits = torch.einsum("bgijd,bgdtij->bgijt", q, kwin)
     logits = logits.masked_fill(~valid.permute(1, 2, 0), float("-inf"))
-    # a query whose window is entirely outside gets all -inf: give it zero weights, not NaN
+    # a query whose window is entirely outside gets all -inf: give it zero weights, not NaN (decided from
+    # the geometry, not from the mask's values, so torch.export sees no data-dependent branch)
     empty = ~valid.any(0)  # (Hq, Wq)
-    if bool(empty.any()):
+    has_empty = _has_empty_window(hq, wq, hk, wk, kernel, stride, offset)
+    if has_empty:
         logits = logits.masked_fill(empty[..., None], 0.0)
     probs = torch.softmax(logits, dim=-1)
-    if bool(empty.any()):
+    if has_empty:
         probs = probs.masked_fill(empty[..., None], 0.0)
     dv = v.shape[-1]
     vflat = v.reshape(b, g, hk, wk, m * dv).permute(0, 1, 4, 2, 3).reshape(b * g, m * dv, hk, wk)
@@ -263,9 +283,11 @@ def neighborhood_attention(q, k, v, rel=None, mix=None, *, kernel_size, stride=1
     device (per ``RELZOO_OPS``), else the reference; ``"flex"``; ``"native"`` the kernel or an
     :class:`~zoo.errors.OpsError`; ``"reference"`` :func:`neighborhood_attention_reference`.
     The native kernels compute in float32/float64; half and bfloat16 inputs run in float32 and are
-    cast back. The native op has no double backward.
+    cast back. Under ``torch.autocast`` every input runs in the autocast dtype (the layers' float32 ``rel`` /
+    ``mix`` included). The native op has no double backward.
     """
     kernel, stride, offset = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(offset, "offset")
+    q, k, v, rel, mix = _autocast([q, k, v, rel, mix])
     _check(q, k, v, rel, mix, kernel, stride)
     check_backend(backend, NEIGHBORHOOD_BACKENDS)
     choice = resolve(backend, NEIGHBORHOOD_BACKENDS)

@@ -310,7 +310,8 @@ def _masked_softmax(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis; rows with every entry -inf give zeros and zero gradients (not NaN), as
     SDPA does."""
     empty = torch.isneginf(scores).all(-1, keepdim=True)
-    if not bool(empty.any()):
+    # the shortcut is data-dependent control flow: torch.export / torch.compile trace the masked form
+    if not torch.compiler.is_compiling() and not bool(empty.any()):
         return torch.softmax(scores, dim=-1)
     return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
