@@ -10,11 +10,20 @@ one input of its preprocessing size, batch 2):
 - ``max abs diff``: compiled vs eager outputs;
 - ``eager ms`` / ``compiled ms``: median of ``--repeats`` calls after the first.
 
-Usage: ``python benchmarks/compile.py [--backend inductor|aot_eager] [--models NAME ...] [--repeats 5]``.
+Full-size models: ``--random-weights`` (no download; seeded), at ``--input-size`` (C H W) and with
+``--kwargs`` (JSON constructor arguments), e.g. the smallest inputs of ``tests/test_export.py``'s full-size
+models::
+
+    python benchmarks/compile.py --random-weights --models rga_sc_resnet50 --input-size 3 256 128
+    python benchmarks/compile.py --random-weights --models rsanet_r50 --input-size 24 64 64 --kwargs '{"num_segments": 8}'
+
+Usage: ``python benchmarks/compile.py [--backend inductor|aot_eager] [--models NAME ...] [--repeats 5]
+[--random-weights] [--input-size C H W] [--kwargs JSON]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -41,10 +50,12 @@ def _median_ms(fn, x, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(name: str, backend: str, repeats: int) -> dict:
-    model = zoo.create_model(name, pretrained=True).eval()
+def measure(name: str, backend: str, repeats: int, random_weights: bool = False, input_size=None,
+            kwargs=None) -> dict:
+    torch.manual_seed(0)  # random weights: the same in every run
+    model = zoo.create_model(name, pretrained=not random_weights, **(kwargs or {})).eval()
     graph = ExportedGraph(model)
-    x = example_input(model, batch=2)
+    x = example_input(model, input_size, batch=2)
     with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         expected = graph(x)
         explained = torch._dynamo.explain(graph)(x)
@@ -66,12 +77,15 @@ def main() -> int:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--models", nargs="+", default=[m.name for m in demo.MINIS])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--random-weights", action="store_true", help="seeded random weights, not the default ones")
+    parser.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W (default: the preprocessing's)")
+    parser.add_argument("--kwargs", type=json.loads, default={}, help="JSON constructor arguments of every model")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}, batch 2\n")
     print("| model | graph breaks | compile s | max abs diff vs eager | eager ms | compiled ms |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
-        row = measure(name, args.backend, args.repeats)
+        row = measure(name, args.backend, args.repeats, args.random_weights, args.input_size, args.kwargs)
         print(f"| `{name}` | {row['breaks']} | {row['compile_s']:.1f} | {row['diff']:.1e} | {row['eager_ms']:.1f} | "
               f"{row['compiled_ms']:.1f} |", flush=True)
         for reason in row["reasons"]:

@@ -28,7 +28,8 @@ from zoo.checkpoint import compare_state_dicts, load_checkpoint, load_into
 from zoo.cli import main
 from zoo.config import KWARG_LIMITS
 from zoo.convert import HOOKS, list_maps, load_map
-from zoo.errors import (CheckpointError, ConfigError, ConversionError, HashMismatchError, InputError, OfflineError,
+from zoo.errors import (CheckpointError, ConfigError, ConversionError, HashMismatchError, InputError, InputTypeError,
+                        OfflineError,
                         OpsError, UploadError, WeightsError, ZooError)
 from zoo.factory import MAX_MODEL_ELEMENTS, convert_checkpoint
 
@@ -655,3 +656,60 @@ def test_relzoo_ops_values_are_validated(monkeypatch):
         mode()
     with pytest.raises(ConfigError, match="RELZOO_OPS"):
         zoo.create_model("sasa_resnet_mini").eval()(torch.rand(1, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers, ops and losses: the project's error types (InputError for a call's tensors, ConfigError for a
+# constructor's arguments), and still the builtin types callers caught before
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_and_op_errors():
+    from zoo import losses
+    from zoo.layers.irpe import RPEAttention
+    from zoo.layers.rga import RGA_Module
+    from zoo.layers.rpa import MultiheadNonlocal2d
+    from zoo.layers.rsa import RSA
+    from zoo.layers.sasa import SASAttention2d
+    from zoo.ops import neighborhood_attention, relative_attention, rpe_index
+
+    q = torch.rand(1, 2, 4, 8)
+    cases = {
+        "RPEAttention embed": (lambda: RPEAttention(dim=10, num_heads=3), ConfigError, "divisible"),
+        "RPEAttention rank": (lambda: RPEAttention(dim=8, num_heads=2)(torch.rand(4, 8)), InputError, r"\(B, N, C\)"),
+        "RGA_Module branches": (lambda: RGA_Module(8, 16, use_spatial=False, use_channel=False), ConfigError,
+                                "at least one"),
+        "RGA_Module channels": (lambda: RGA_Module(32, 16, down_ratio=2)(torch.rand(1, 4, 4, 4)), InputError, "in_channel=32"),
+        "RPA heads": (lambda: MultiheadNonlocal2d(8, num_heads=0), ConfigError, "num_heads"),
+        "RPA dtype": (lambda: MultiheadNonlocal2d(8)(torch.zeros(1, 8, 4, 4, dtype=torch.int64)), InputTypeError,
+                      "floating"),
+        "RSA kernel type": (lambda: RSA(d_in=8, d_out=8, nh=2, kernel_type="X"), ConfigError, "kernel_type"),
+        "SASA padding": (lambda: SASAttention2d(8, 8, heads=2, padding_mode="wrap"), ConfigError, "padding_mode"),
+        "SASA input": (lambda: SASAttention2d(8, 8, heads=2)(torch.rand(1, 3, 4, 4)), InputError, r"\(B, 8, H, W\)"),
+        "relative_attention shapes": (lambda: relative_attention(q, q[..., :4], q), InputError, "relative_attention"),
+        "neighborhood dtype": (lambda: neighborhood_attention(*(torch.rand(1, 1, 4, 4, 2, dtype=d) for d in
+                                                                (torch.float32, torch.float64, torch.float32)),
+                                                              kernel_size=3), InputTypeError, "one floating dtype"),
+        "rpe_index dtype": (lambda: rpe_index(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.long)),
+                            InputTypeError, "rpe_index"),
+        "label smoothing epsilon": (lambda: losses.CrossEntropyLabelSmooth(5, epsilon=1.0), ConfigError, "epsilon"),
+        "label smoothing labels": (lambda: losses.CrossEntropyLabelSmooth(5)(torch.rand(2, 5), torch.tensor([0, 7])),
+                                   InputError, r"\[0, 5\)"),
+        "triplet features": (lambda: losses.TripletLoss()(torch.rand(4), torch.tensor([0, 0, 1, 1])), InputError,
+                             r"\(B, D\)"),
+        "giou boxes": (lambda: losses.generalized_box_iou(torch.rand(2, 3), torch.rand(2, 4)), InputError, "xyxy"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_layer_and_op_errors()))
+def test_layers_ops_and_losses_raise_project_errors(case):
+    make, error, message = _layer_and_op_errors()[case]
+    with pytest.raises(error, match=message) as raised:
+        make()
+    assert isinstance(raised.value, TypeError if issubclass(error, TypeError) else ValueError)  # what callers caught
+
+
+def test_a_constructors_config_error_is_named_after_the_model():
+    with pytest.raises(ConfigError, match=r"^rga_sc_resnet50: dropout must be in \[0, 1\)"):
+        zoo.create_model("rga_sc_resnet50", dropout=2.0)

@@ -87,7 +87,7 @@ def register_transform(name: str) -> Callable[[Callable[[Tensor], Tensor]], Call
 
     def decorator(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         if name in TRANSFORMS and TRANSFORMS[name] is not fn:
-            raise ValueError(f"transform '{name}' is already registered ({TRANSFORMS[name]!r})")
+            raise ConfigError(f"transform '{name}' is already registered ({TRANSFORMS[name]!r})")
         TRANSFORMS[name] = fn
         return fn
 
@@ -133,7 +133,7 @@ def register_hook(fn: Callable) -> Callable:
     """Decorator adding ``fn`` to :data:`HOOKS` under ``'<module>:<function>'`` (how a map's ``hooks`` names it)."""
     name = f"{fn.__module__}:{fn.__qualname__}"
     if name in HOOKS and HOOKS[name] is not fn:
-        raise ValueError(f"conversion hook '{name}' is already registered ({HOOKS[name]!r})")
+        raise ConfigError(f"conversion hook '{name}' is already registered ({HOOKS[name]!r})")
     HOOKS[name] = fn
     return fn
 

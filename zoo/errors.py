@@ -62,5 +62,9 @@ class InputError(ZooError, ValueError):
     """A model input of the wrong rank, channel count, dtype or size (the message says what the model takes)."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An input that is not a tensor, or a tensor of a dtype the op has no kernel for (also a TypeError)."""
+
+
 class DependencyError(ZooError, ImportError):
     """An optional dependency that a feature needs is not installed (the message names the extra to install)."""

@@ -384,6 +384,10 @@ def _construct(name: str, constructor: Callable[..., nn.Module], kwargs: dict) -
     ArgumentError (also a TypeError), a value it rejects a ConfigError (also a ValueError); the cause chained."""
     try:
         return constructor(**kwargs)
+    except ConfigError as exc:  # the constructor's own complaint (ArgumentError too), named after the model
+        if str(exc).startswith(f"{name}:"):
+            raise
+        raise type(exc)(f"{name}: {exc}") from exc
     except ZooError:
         raise
     except TypeError as exc:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from zoo.errors import ConfigError, InputError
+
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "HungarianMatcher", "SetCriterion",
            "CrossEntropyLabelSmooth", "TripletLoss"]
 
@@ -47,24 +49,24 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"generalized_box_iou: {name} must be (N, 4) xyxy, got {tuple(boxes.shape)}")
+            raise InputError(f"generalized_box_iou: {name} must be (N, 4) xyxy, got {tuple(boxes.shape)}")
         if boxes.numel() and not bool((boxes[:, 2:] >= boxes[:, :2]).all()):
-            raise ValueError(f"generalized_box_iou: {name} holds boxes with x1 < x0 or y1 < y0 (not xyxy?)")
+            raise InputError(f"generalized_box_iou: {name} holds boxes with x1 < x0 or y1 < y0 (not xyxy?)")
     return tv_giou(boxes1, boxes2)
 
 
 def _check_targets(targets: Sequence[dict], batch: int, num_classes: Optional[int] = None) -> None:
     if len(targets) != batch:
-        raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
+        raise InputError(f"got {len(targets)} targets for a batch of {batch} images")
     for i, t in enumerate(targets):
         if "labels" not in t or "boxes" not in t:
-            raise ValueError(f"target {i} must have 'labels' (n,) and 'boxes' (n, 4) normalised cxcywh; got {sorted(t)}")
+            raise InputError(f"target {i} must have 'labels' (n,) and 'boxes' (n, 4) normalised cxcywh; got {sorted(t)}")
         labels, boxes = t["labels"], t["boxes"]
         if labels.dim() != 1 or boxes.shape != (labels.shape[0], 4):
-            raise ValueError(f"target {i}: labels (n,) and boxes (n, 4) expected, got {tuple(labels.shape)} "
+            raise InputError(f"target {i}: labels (n,) and boxes (n, 4) expected, got {tuple(labels.shape)} "
                              f"and {tuple(boxes.shape)}")
         if num_classes is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"target {i}: labels must be in [0, {num_classes}) (the model's classes; "
+            raise InputError(f"target {i}: labels must be in [0, {num_classes}) (the model's classes; "
                              f"{num_classes} is 'no object'), got {labels.tolist()}")
 
 
@@ -88,7 +90,7 @@ class HungarianMatcher(nn.Module):
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("HungarianMatcher: all costs are 0; at least one must be non-zero")
+            raise ConfigError("HungarianMatcher: all costs are 0; at least one must be non-zero")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
     @torch.no_grad()
@@ -109,7 +111,7 @@ class HungarianMatcher(nn.Module):
                     + self.cost_giou * -generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))
             cost = cost.float().cpu()
             if not torch.isfinite(cost).all():
-                raise ValueError("HungarianMatcher: the cost matrix holds NaN/inf (non-finite predicted boxes or logits)")
+                raise InputError("HungarianMatcher: the cost matrix holds NaN/inf (non-finite predicted boxes or logits)")
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
@@ -139,7 +141,7 @@ class SetCriterion(nn.Module):
                  weight_ce: float = 1.0, weight_bbox: float = 5.0, weight_giou: float = 2.0, aux_loss: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"SetCriterion: num_classes must be a positive int, got {num_classes!r}")
+            raise ConfigError(f"SetCriterion: num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.eos_coef = eos_coef
@@ -152,9 +154,9 @@ class SetCriterion(nn.Module):
     def _single(self, outputs: dict, targets: Sequence[dict], num_boxes: float) -> dict[str, Tensor]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if logits.dim() != 3 or logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"SetCriterion: pred_logits must be (B, Q, {self.num_classes + 1}), got {tuple(logits.shape)}")
+            raise InputError(f"SetCriterion: pred_logits must be (B, Q, {self.num_classes + 1}), got {tuple(logits.shape)}")
         if boxes.shape != logits.shape[:2] + (4,):
-            raise ValueError(f"SetCriterion: pred_boxes must be (B, Q, 4) = {tuple(logits.shape[:2]) + (4,)}, "
+            raise InputError(f"SetCriterion: pred_boxes must be (B, Q, 4) = {tuple(logits.shape[:2]) + (4,)}, "
                              f"got {tuple(boxes.shape)}")
         indices = self.matcher(outputs, targets)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
@@ -201,18 +203,18 @@ class CrossEntropyLabelSmooth(nn.Module):
     def __init__(self, num_classes: int, epsilon: float = 0.1):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"CrossEntropyLabelSmooth: num_classes must be a positive int, got {num_classes!r}")
+            raise ConfigError(f"CrossEntropyLabelSmooth: num_classes must be a positive int, got {num_classes!r}")
         if not 0.0 <= epsilon < 1.0:
-            raise ValueError(f"CrossEntropyLabelSmooth: epsilon must be in [0, 1), got {epsilon}")
+            raise ConfigError(f"CrossEntropyLabelSmooth: epsilon must be in [0, 1), got {epsilon}")
         self.num_classes, self.epsilon = num_classes, epsilon
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"CrossEntropyLabelSmooth: logits must be (B, {self.num_classes}), got {tuple(logits.shape)}")
+            raise InputError(f"CrossEntropyLabelSmooth: logits must be (B, {self.num_classes}), got {tuple(logits.shape)}")
         if labels.shape != logits.shape[:1]:
-            raise ValueError(f"CrossEntropyLabelSmooth: labels must be ({logits.shape[0]},), got {tuple(labels.shape)}")
+            raise InputError(f"CrossEntropyLabelSmooth: labels must be ({logits.shape[0]},), got {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"CrossEntropyLabelSmooth: labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+            raise InputError(f"CrossEntropyLabelSmooth: labels must be in [0, {self.num_classes}), got {labels.tolist()}")
         log_probs = logits.log_softmax(dim=1)
         nll = -log_probs.gather(1, labels[:, None]).squeeze(1)
         uniform = -log_probs.mean(dim=1)
@@ -232,7 +234,7 @@ class TripletLoss(nn.Module):
     def __init__(self, margin: float = 0.3):
         super().__init__()
         if margin < 0:
-            raise ValueError(f"TripletLoss: margin must be >= 0, got {margin}")
+            raise ConfigError(f"TripletLoss: margin must be >= 0, got {margin}")
         self.margin = margin
 
     @staticmethod
@@ -245,12 +247,12 @@ class TripletLoss(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         if features.dim() != 2:
-            raise ValueError(f"TripletLoss: features must be (B, D), got {tuple(features.shape)}")
+            raise InputError(f"TripletLoss: features must be (B, D), got {tuple(features.shape)}")
         if labels.shape != features.shape[:1]:
-            raise ValueError(f"TripletLoss: labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
+            raise InputError(f"TripletLoss: labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
         same = labels[:, None] == labels[None, :]
         if bool(same.all()):
-            raise ValueError("TripletLoss: the batch holds a single identity; batch-hard mining needs negatives "
+            raise InputError("TripletLoss: the batch holds a single identity; batch-hard mining needs negatives "
                              "(sample P >= 2 identities x K images)")
         dist = self.pairwise_distance(features)
         hardest_positive = dist.masked_fill(~same, float("-inf")).max(dim=1).values

@@ -29,7 +29,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its own name; its config is ``configs/*.yaml: models.<name>``."""
     name = fn.__name__
     if name in _constructors and _constructors[name] is not fn:
-        raise ValueError(f"model '{name}' is registered twice ({_constructors[name].__module__} and {fn.__module__})")
+        raise ConfigError(f"model '{name}' is registered twice ({_constructors[name].__module__} and {fn.__module__})")
     _constructors[name] = fn
     return fn
 

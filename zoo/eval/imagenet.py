@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from zoo.data.imagefolder import ImageFolder, find_classes
-from zoo.errors import ConfigError, DatasetError
+from zoo.errors import ConfigError, DatasetError, InputError
 from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
@@ -71,7 +71,7 @@ class ImageNetProtocol(Protocol):
         images, labels = batch
         logits = model(images.to(device)).float().cpu()
         if logits.dim() != 2:
-            raise ValueError(f"imagenet protocol expects (B, num_classes) logits, got {tuple(logits.shape)}")
+            raise InputError(f"imagenet protocol expects (B, num_classes) logits, got {tuple(logits.shape)}")
         # keep only what top-5 needs: ranks from a stable sort (the same order topk_accuracy uses)
         k = min(max(_KS), logits.shape[1])
         order = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :k]

@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from zoo.errors import InputError
+
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy in percent.
@@ -16,9 +18,9 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     classes counts every sample as correct, as the originals' ``accuracy`` helpers do.
     """
     if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"topk_accuracy expects logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise InputError(f"topk_accuracy expects logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if logits.shape[0] == 0:
-        raise ValueError("topk_accuracy got no samples")
+        raise InputError("topk_accuracy got no samples")
     kmax = min(max(ks), logits.shape[1])
     # A stable order makes ties deterministic (torch.topk's order among equal scores is not specified).
     top = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :kmax]

@@ -24,7 +24,7 @@ import torch
 
 from zoo.data.imagefolder import load_rgb
 from zoo.data.reid import REID_DATASETS, read_reid_dataset
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, InputError, InputTypeError
 from zoo.eval.protocol import Protocol, register_protocol
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -37,21 +37,21 @@ def _to_numpy(value: ArrayLike, name: str, ndim: int) -> np.ndarray:
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
     if array.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D array, got shape {array.shape}")
+        raise InputError(f"{name} must be a {ndim}-D array, got shape {array.shape}")
     return array
 
 
 def _check_inputs(distmat, query_ids, gallery_ids, query_cams, gallery_cams):
     distmat = _to_numpy(distmat, "distmat", 2)
     if not np.issubdtype(distmat.dtype, np.floating) and not np.issubdtype(distmat.dtype, np.integer):
-        raise TypeError(f"distmat must be numeric, got dtype {distmat.dtype}")
+        raise InputTypeError(f"distmat must be numeric, got dtype {distmat.dtype}")
     m, n = distmat.shape
     arrays = []
     for name, value, size in (("query_ids", query_ids, m), ("gallery_ids", gallery_ids, n),
                               ("query_cams", query_cams, m), ("gallery_cams", gallery_cams, n)):
         array = _to_numpy(value, name, 1)
         if array.shape[0] != size:
-            raise ValueError(f"{name} has {array.shape[0]} entries but distmat is {m}x{n} (expected {size})")
+            raise InputError(f"{name} has {array.shape[0]} entries but distmat is {m}x{n} (expected {size})")
         arrays.append(array)
     return (distmat, *arrays)
 
@@ -100,7 +100,7 @@ def cmc(distmat: ArrayLike, query_ids: ArrayLike, gallery_ids: ArrayLike, query_
     distmat, query_ids, gallery_ids, query_cams, gallery_cams = _check_inputs(
         distmat, query_ids, gallery_ids, query_cams, gallery_cams)
     if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+        raise InputError(f"topk must be >= 1, got {topk}")
     choice = (rng or np.random).choice
     indices, matches, same_cam = _ranked(distmat, query_ids, gallery_ids, query_cams, gallery_cams)
     curve = np.zeros(topk)
@@ -156,9 +156,9 @@ def average_precision(y_true: ArrayLike, y_score: ArrayLike, legacy_sklearn: boo
     y_true = _to_numpy(y_true, "y_true", 1).astype(bool)
     y_score = _to_numpy(y_score, "y_score", 1)
     if y_true.shape != y_score.shape:
-        raise ValueError(f"y_true {y_true.shape} and y_score {y_score.shape} differ in shape")
+        raise InputError(f"y_true {y_true.shape} and y_score {y_score.shape} differ in shape")
     if not y_true.any():
-        raise ValueError("average_precision needs at least one relevant entry")
+        raise InputError("average_precision needs at least one relevant entry")
     order = np.argsort(-y_score, kind="stable")
     y_true, y_score = y_true[order], y_score[order]
     # one point of the curve per distinct score (the last index of each run of equal scores)
@@ -208,7 +208,7 @@ def mean_ap(distmat: ArrayLike, query_ids: ArrayLike, gallery_ids: ArrayLike, qu
 def cosine_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """``[m, d]``, ``[n, d]`` -> ``[m, n]`` float32 ``1 - <q/|q|, g/|g|>`` (eps 1e-12), as the original."""
     if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"cosine_distance expects [m, d] and [n, d] features, got {tuple(query.shape)} and "
+        raise InputError(f"cosine_distance expects [m, d] and [n, d] features, got {tuple(query.shape)} and "
                          f"{tuple(gallery.shape)}")
     q = torch.nn.functional.normalize(query.float(), dim=1, eps=1e-12)
     g = torch.nn.functional.normalize(gallery.float(), dim=1, eps=1e-12)
@@ -316,7 +316,7 @@ class ReidProtocol(Protocol):
             raise TypeError("reid protocol: the model returned a tuple; evaluate it in eval mode, where it returns "
                             "one [B, D] test feature")
         if features.dim() != 2 or features.shape[0] != len(metas):
-            raise ValueError(f"reid protocol: expected features [{len(metas)}, D], got {tuple(features.shape)}")
+            raise InputError(f"reid protocol: expected features [{len(metas)}, D], got {tuple(features.shape)}")
         features = features.float().cpu()
         # clone: a row view would pickle the whole batch's storage when gathered across processes
         return [(feature.clone(), meta) for feature, meta in zip(features, metas)]
@@ -325,7 +325,7 @@ class ReidProtocol(Protocol):
         query = [(f, m) for f, m in predictions if m[0]]
         gallery = [(f, m) for f, m in predictions if not m[0]]
         if not query or not gallery:
-            raise ValueError(f"reid protocol: need queries and gallery images, got {len(query)} and {len(gallery)}")
+            raise InputError(f"reid protocol: need queries and gallery images, got {len(query)} and {len(gallery)}")
         distmat = cosine_distance(torch.stack([f for f, _ in query]), torch.stack([f for f, _ in gallery]))
         ids_cams = [np.array([m[k] for _, m in part], dtype=np.int64) for part in (query, gallery) for k in (1, 2)]
         query_ids, query_cams, gallery_ids, gallery_cams = ids_cams

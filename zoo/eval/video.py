@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from zoo.data.ssv import SPLIT_FILES, SSVideoClips, read_split
-from zoo.errors import ConfigError, DatasetError
+from zoo.errors import ConfigError, DatasetError, InputError
 from zoo.eval.metrics import per_class_top1, topk_accuracy
 from zoo.eval.protocol import Protocol, register_protocol
 
@@ -85,7 +85,7 @@ class SSVProtocol(Protocol):
         b, n = clips.shape[:2]
         logits = model(clips.flatten(0, 1).to(device))
         if logits.dim() != 2 or logits.shape[0] != b * n:
-            raise ValueError(f"ssv protocol: expected logits ({b * n}, num_classes), got {tuple(logits.shape)}")
+            raise InputError(f"ssv protocol: expected logits ({b * n}, num_classes), got {tuple(logits.shape)}")
         logits = logits.float().cpu().view(b, n, -1).mean(dim=1)  # average the clips' logits
         # clone: a row view would pickle the whole batch's storage when gathered across processes
         return [(row.clone(), int(label)) for row, label in zip(logits, labels)]

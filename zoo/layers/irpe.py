@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import ArgumentError, ConfigError, InputError
 from zoo.ops.backend import ATTENTION_BACKENDS, check_backend, resolve
 from zoo.ops.relative_attn import PairTaps, Term, offset_grid, pair_taps, relative_attention
 from zoo.ops.rpe_index import rpe_index
@@ -99,11 +100,11 @@ def _method_id(method: Union[int, str]) -> int:
     if isinstance(method, str):
         key = method.strip().lower()
         if key not in METHOD_NAMES:
-            raise ValueError(f"unknown iRPE method '{method}'; expected one of {sorted(METHOD_NAMES)}")
+            raise ConfigError(f"unknown iRPE method '{method}'; expected one of {sorted(METHOD_NAMES)}")
         return METHOD_NAMES[key]
     if isinstance(method, bool) or not isinstance(method, int) or method not in _METHOD_IDS:
-        raise ValueError(f"unknown iRPE method {method!r}; expected one of {sorted(_METHOD_IDS)} or a name "
-                         f"in {sorted(METHOD_NAMES)}")
+        raise ConfigError(f"unknown iRPE method {method!r}; expected one of {sorted(_METHOD_IDS)} or a name "
+                          f"in {sorted(METHOD_NAMES)}")
     return method
 
 
@@ -112,7 +113,7 @@ def _mode_name(mode: Optional[str]) -> str:
     if mode == "ctx":
         return "contextual"
     if mode not in ("bias", "contextual"):
-        raise ValueError(f"iRPE mode must be 'bias', 'contextual' or 'ctx', got {mode!r}")
+        raise ConfigError(f"iRPE mode must be 'bias', 'contextual' or 'ctx', got {mode!r}")
     return mode
 
 
@@ -147,7 +148,7 @@ def piecewise_index(relative_position: torch.Tensor, alpha: float, beta: float, 
 
 def _beta_int(beta: float) -> int:
     if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+        raise ConfigError(f"beta must be positive, got {beta}")
     return int(beta)
 
 
@@ -194,7 +195,7 @@ def _bucket_ids_of_offsets(method: int, diff: torch.Tensor, alpha: float, beta: 
         return piecewise_index(diff[..., 0], **kw) + beta_int
     if method == METHOD.CROSS_COLS:
         return piecewise_index(diff[..., 1], **kw) + beta_int
-    raise ValueError("method CROSS has two bucket maps: ask for METHOD.CROSS_ROWS and METHOD.CROSS_COLS")
+    raise ConfigError("method CROSS has two bucket maps: ask for METHOD.CROSS_ROWS and METHOD.CROSS_COLS")
 
 
 class _LRU:
@@ -295,7 +296,7 @@ def get_bucket_ids_2d(method: Union[int, str], height: int, width: int, skip: in
     """
     method = _method_id(method)
     if height <= 0 or width <= 0 or skip < 0:
-        raise ValueError(f"need height, width > 0 and skip >= 0, got height={height}, width={width}, skip={skip}")
+        raise InputError(f"need height, width > 0 and skip >= 0, got height={height}, width={width}, skip={skip}")
     ids = _cached_bucket_ids(method, int(height), int(width), int(skip), alpha, beta, gamma, dtype, device).clone()
     return ids, get_num_buckets(method, alpha, beta, gamma) + (1 if skip > 0 else 0)
 
@@ -330,15 +331,15 @@ class iRPE(nn.Module):
                  *, backend: str = "auto"):
         super().__init__()
         if rpe_config is None or not all(k in rpe_config for k in ("alpha", "beta", "gamma")):
-            raise ValueError("iRPE needs rpe_config with alpha, beta and gamma (make it with get_single_rpe_config)")
+            raise ConfigError("iRPE needs rpe_config with alpha, beta and gamma (make it with get_single_rpe_config)")
         if num_buckets is None or int(num_buckets) < 1:
-            raise ValueError(f"iRPE needs a positive num_buckets, got {num_buckets!r}")
+            raise ConfigError(f"iRPE needs a positive num_buckets, got {num_buckets!r}")
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
         self.mode = _mode_name(mode)
         self.method = _method_id(method)
         if self.method == METHOD.CROSS:
-            raise ValueError("method CROSS is two tables: build it with iRPE_Cross (build_rpe does)")
+            raise ConfigError("method CROSS is two tables: build it with iRPE_Cross (build_rpe does)")
         self.transposed = bool(transposed)
         self.num_buckets = int(num_buckets)
         self.initializer = initializer if initializer is not None else (lambda x: None)
@@ -369,7 +370,7 @@ class iRPE(nn.Module):
             height = width = int(math.sqrt(L))
         skip = L - height * width
         if skip < 0:
-            raise ValueError(f"iRPE: {L} tokens cannot hold a {height}x{width} feature map")
+            raise InputError(f"iRPE: {L} tokens cannot hold a {height}x{width} feature map")
         return int(height), int(width), skip
 
     def pair_taps(self, num_tokens: int, height: Optional[int] = None, width: Optional[int] = None,
@@ -393,9 +394,9 @@ class iRPE(nn.Module):
             return self.lookup_table_bias.view(1, self.num_heads, 1, self.num_buckets)
         _, heads, _, d = x.shape
         if d != self.head_dim:
-            raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit head_dim {self.head_dim}")
+            raise InputError(f"iRPE: input {tuple(x.shape)} does not fit head_dim {self.head_dim}")
         if self.num_heads not in (1, heads):
-            raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
+            raise InputError(f"iRPE table has {self.num_heads} heads, input has {heads}")
         # (B, heads, L, d) @ (table heads, d, nb): contiguous (B, heads, L, nb), the layout the fused kernel
         # reads; a shared table is one (B heads L, d) @ (d, nb) product
         weight = self.lookup_table_weight
@@ -427,7 +428,7 @@ class iRPE(nn.Module):
         (B, heads, L, d) for the value module.
         """
         if x.dim() != 4:
-            raise ValueError(f"iRPE expects a 4-D input (B, heads, L, .), got shape {tuple(x.shape)}")
+            raise InputError(f"iRPE expects a 4-D input (B, heads, L, .), got shape {tuple(x.shape)}")
         ids, ids32 = self._get_rp_bucket(x, height, width)
         if self.transposed:
             return self.forward_rpe_transpose(x, ids, ids32)
@@ -440,7 +441,7 @@ class iRPE(nn.Module):
         if self.mode == "bias":
             return self.lookup_table_bias[:, rp_bucket.flatten()].view(1, self.num_heads, L, L)
         if x.shape[2] != L:
-            raise ValueError(f"iRPE: input {tuple(x.shape)} does not fit a {L}-token map")
+            raise InputError(f"iRPE: input {tuple(x.shape)} does not fit a {L}-token map")
         # Per-bucket products first, then the index step.
         index = rp_bucket if rp_bucket_int32 is None else rp_bucket_int32
         return rpe_index(self.per_bucket(x), index, backend=self.backend)
@@ -449,10 +450,10 @@ class iRPE(nn.Module):
         """v term: out[b, h, i, :] = sum_j x[b, h, i, j] * w[h, P_ij, :]."""
         B, heads, Lq, Lk = x.shape
         if (Lq, Lk) != tuple(rp_bucket.shape):
-            raise ValueError(f"iRPE (values): attention of shape {tuple(x.shape)} does not fit a "
+            raise InputError(f"iRPE (values): attention of shape {tuple(x.shape)} does not fit a "
                              f"{rp_bucket.shape[0]}-token map")
         if self.num_heads not in (1, heads):
-            raise ValueError(f"iRPE table has {self.num_heads} heads, input has {heads}")
+            raise InputError(f"iRPE table has {self.num_heads} heads, input has {heads}")
         if resolve(self.backend, what="iRPE backend") == "reference":
             # Reference: gather the table per pair, (table heads, Lq, Lk, d), and contract over keys.
             weight = self.lookup_table_weight[:, rp_bucket, :]
@@ -478,7 +479,7 @@ class iRPE_Cross(nn.Module):
     def __init__(self, method, **kwargs):
         super().__init__()
         if _method_id(method) != METHOD.CROSS:
-            raise ValueError(f"iRPE_Cross is for method CROSS, got {method!r}")
+            raise ConfigError(f"iRPE_Cross is for method CROSS, got {method!r}")
         self.rp_rows = iRPE(**kwargs, method=METHOD.CROSS_ROWS)
         self.rp_cols = iRPE(**kwargs, method=METHOD.CROSS_COLS)
         self._taps = None  # (rows' taps, cols' taps, the two together)
@@ -538,9 +539,9 @@ def get_single_rpe_config(ratio: float = 1.9, method=METHOD.PRODUCT, mode: str =
                           shared_head: bool = True, skip: int = 0) -> _AttrDict:
     """Config of one iRPE table: alpha = ratio, beta = 2 ratio, gamma = 8 ratio; +1 bucket when skip > 0."""
     if skip < 0:
-        raise ValueError(f"skip must be >= 0, got {skip}")
+        raise ConfigError(f"skip must be >= 0, got {skip}")
     if ratio <= 0:
-        raise ValueError(f"ratio must be positive, got {ratio}")
+        raise ConfigError(f"ratio must be positive, got {ratio}")
     config = _AttrDict()
     config.shared_head = shared_head
     config.mode = _mode_name(mode)
@@ -556,7 +557,7 @@ def get_rpe_config(ratio: float = 1.9, method=METHOD.PRODUCT, mode: str = "conte
                    skip: int = 0, rpe_on: str = "k") -> _AttrDict:
     """``{'rpe_q', 'rpe_k', 'rpe_v'}``: each the same single config if its letter is in ``rpe_on``, else None."""
     if not isinstance(rpe_on, str) or not rpe_on or set(rpe_on) - set("qkv"):
-        raise ValueError(f"rpe_on must be a non-empty combination of 'q', 'k', 'v', got {rpe_on!r}")
+        raise ConfigError(f"rpe_on must be a non-empty combination of 'q', 'k', 'v', got {rpe_on!r}")
     config = _AttrDict()
     single = dict(ratio=ratio, method=method, mode=mode, shared_head=shared_head, skip=skip)
     config.rpe_q = get_single_rpe_config(**single) if "q" in rpe_on else None
@@ -594,22 +595,22 @@ def parse_rpe_spec(spec: str) -> Optional[dict]:
     if spec is None or spec == "":
         return None
     if not isinstance(spec, str):
-        raise TypeError(f"rpe spec must be a string, got {type(spec).__name__}")
+        raise ArgumentError(f"rpe spec must be a string, got {type(spec).__name__}")
     fields = spec.split("-")
     grammar = "'rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}', e.g. 'rpe-2.0-product-ctx-1-k'"
     if len(fields) != 6 or fields[0] != "rpe":
-        raise ValueError(f"malformed iRPE spec '{spec}': expected {grammar}")
+        raise ConfigError(f"malformed iRPE spec '{spec}': expected {grammar}")
     _, ratio, method, mode, shared_head, rpe_on = fields
     try:
         ratio = float(ratio)
     except ValueError:
-        raise ValueError(f"malformed iRPE spec '{spec}': ratio '{ratio}' is not a number") from None
+        raise ConfigError(f"malformed iRPE spec '{spec}': ratio '{ratio}' is not a number") from None
     if shared_head not in ("0", "1"):
-        raise ValueError(f"malformed iRPE spec '{spec}': shared_head must be 0 or 1, got '{shared_head}'")
+        raise ConfigError(f"malformed iRPE spec '{spec}': shared_head must be 0 or 1, got '{shared_head}'")
     _method_id(method.lower())
     _mode_name(mode)
     if not rpe_on or set(rpe_on) - set("qkv"):
-        raise ValueError(f"malformed iRPE spec '{spec}': rpe_on must be letters of 'qkv', got '{rpe_on}'")
+        raise ConfigError(f"malformed iRPE spec '{spec}': rpe_on must be letters of 'qkv', got '{rpe_on}'")
     return dict(ratio=ratio, method=method.lower(), mode=mode, shared_head=bool(int(shared_head)), rpe_on=rpe_on)
 
 
@@ -664,10 +665,10 @@ def _check_hw(hw, L: int) -> Optional[tuple]:
     if hw is None:
         return None
     if len(hw) != 2:
-        raise ValueError(f"hw must be (height, width), got {hw!r}")
+        raise InputError(f"hw must be (height, width), got {hw!r}")
     h, w = int(hw[0]), int(hw[1])
     if h * w > L:
-        raise ValueError(f"hw={tuple(hw)} has {h * w} positions but the sequence has only {L} tokens")
+        raise InputError(f"hw={tuple(hw)} has {h * w} positions but the sequence has only {L} tokens")
     return h, w
 
 
@@ -679,9 +680,9 @@ def _attention_masks(attn_mask, key_padding_mask, N: int, heads: int, L: int, S:
         elif attn_mask.dim() == 3 and attn_mask.shape[0] == N * heads:
             attn_mask = attn_mask.view(N, heads, L, S)
         else:
-            raise ValueError(f"attn_mask must be (L, S) or (N*heads, L, S), got {tuple(attn_mask.shape)}")
+            raise InputError(f"attn_mask must be (L, S) or (N*heads, L, S), got {tuple(attn_mask.shape)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
-        raise ValueError(f"key_padding_mask must be (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
+        raise InputError(f"key_padding_mask must be (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
     return attn_mask, key_padding_mask
 
 
@@ -738,7 +739,7 @@ class RPEMultiheadAttention(nn.Module):
         self.dropout = dropout
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.backend = check_backend(backend, ATTENTION_BACKENDS, "RPEMultiheadAttention backend")
 
         if self._qkv_same_embed_dim:
@@ -767,8 +768,8 @@ class RPEMultiheadAttention(nn.Module):
         self.rpe_config = rpe_config
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, head_dim=self.head_dim, num_heads=num_heads)
         if (add_bias_kv or add_zero_attn) and any(m is not None for m in (self.rpe_q, self.rpe_k, self.rpe_v)):
-            raise ValueError("add_bias_kv / add_zero_attn append key tokens that have no image position; "
-                             "they cannot be combined with iRPE")
+            raise ConfigError("add_bias_kv / add_zero_attn append key tokens that have no image position; "
+                              "they cannot be combined with iRPE")
 
     def _reset_parameters(self) -> None:
         if self._qkv_same_embed_dim:
@@ -799,18 +800,18 @@ class RPEMultiheadAttention(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, hw: Optional[Sequence[int]] = None):
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
-            raise ValueError(f"expected query/key/value of shape (L, N, E), got {tuple(query.shape)}, "
+            raise InputError(f"expected query/key/value of shape (L, N, E), got {tuple(query.shape)}, "
                              f"{tuple(key.shape)}, {tuple(value.shape)}")
         L, N, E = query.shape
         if E != self.embed_dim:
-            raise ValueError(f"query has {E} channels, the module was built for embed_dim={self.embed_dim}")
+            raise InputError(f"query has {E} channels, the module was built for embed_dim={self.embed_dim}")
         if key.shape[:2] != value.shape[:2] or key.shape[1] != N:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (S, N) with N={N}")
+            raise InputError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (S, N) with N={N}")
         heads, d = self.num_heads, self.head_dim
         scaling = float(d) ** -0.5
         has_rpe = any(m is not None for m in (self.rpe_q, self.rpe_k, self.rpe_v))
         if has_rpe and key.shape[0] != L:
-            raise ValueError(f"iRPE needs self-attention (query and key of the same length), got {L} and {key.shape[0]}")
+            raise InputError(f"iRPE needs self-attention (query and key of the same length), got {L} and {key.shape[0]}")
         hw = _check_hw(hw, L) if has_rpe else hw
 
         q, k, v = self._project(query, key, value)
@@ -878,7 +879,7 @@ class RPEAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rpe_config=None, *, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
@@ -891,7 +892,7 @@ class RPEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Optional[Sequence[int]] = None) -> torch.Tensor:
         if x.dim() != 3:
-            raise ValueError(f"RPEAttention expects (B, N, C), got {tuple(x.shape)}")
+            raise InputError(f"RPEAttention expects (B, N, C), got {tuple(x.shape)}")
         B, N, C = x.shape
         hw = _check_hw(hw, N)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.errors import ConfigError, InputError
 from zoo.ops.backend import PURE_TORCH, check_backend, from_deprecated, resolve
 
 __all__ = ["RGA_Module", "relation_conv_direct", "relation_conv_low_rank"]
@@ -45,7 +46,7 @@ def _attention_mlp(in_channels: int, down_ratio: int) -> nn.Sequential:
     """
     hidden = in_channels // down_ratio
     if hidden < 1:
-        raise ValueError(
+        raise ConfigError(
             f"RGA_Module: attention MLP hidden width ({in_channels} // down_ratio={down_ratio}) is 0; "
             "use a smaller down_ratio or larger in_channel/in_spatial"
         )
@@ -144,11 +145,11 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
     ) -> None:
         super().__init__()
         if not (use_spatial or use_channel):
-            raise ValueError("RGA_Module: at least one of use_spatial / use_channel must be True")
+            raise ConfigError("RGA_Module: at least one of use_spatial / use_channel must be True")
         for name, value in (("in_channel", in_channel), ("in_spatial", in_spatial), ("cha_ratio", cha_ratio),
                             ("spa_ratio", spa_ratio), ("down_ratio", down_ratio)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"RGA_Module: {name} must be a positive int, got {value!r}")
+                raise ConfigError(f"RGA_Module: {name} must be a positive int, got {value!r}")
         self.in_channel = in_channel
         self.in_spatial = in_spatial
         self.use_spatial = use_spatial
@@ -158,7 +159,7 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         self.inter_channel = in_channel // cha_ratio  # C'
         self.inter_spatial = in_spatial // spa_ratio  # N'
         if self.inter_channel < 1 or self.inter_spatial < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"RGA_Module: in_channel // cha_ratio = {self.inter_channel} and in_spatial // spa_ratio = "
                 f"{self.inter_spatial} must both be >= 1"
             )
@@ -252,12 +253,12 @@ class RGA_Module(nn.Module):  # noqa: N801 - the original's class name, kept for
         The logits are the pre-sigmoid attention maps (outputs of ``W_spatial`` / ``W_channel``).
         """
         if x.dim() != 4:
-            raise ValueError(f"RGA_Module expects a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+            raise InputError(f"RGA_Module expects a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
         if c != self.in_channel:
-            raise ValueError(f"RGA_Module built for in_channel={self.in_channel}, got input with {c} channels")
+            raise InputError(f"RGA_Module built for in_channel={self.in_channel}, got input with {c} channels")
         if h * w != self.in_spatial:
-            raise ValueError(
+            raise InputError(
                 f"RGA_Module built for in_spatial={self.in_spatial} positions, got a {h}x{w} map ({h * w}); "
                 "the module only runs at the input size it was constructed for"
             )

@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import ArgumentError, ConfigError, InputError, InputTypeError
 from zoo.ops.backend import ATTENTION_BACKENDS, BACKENDS, check_backend, resolve
 from zoo.ops.build import use_native
 from zoo.ops.relative_attn import OP_NAME, PairTaps, Term, attend_dot, attend_pairs, offset_grid, pair_taps, \
@@ -150,7 +151,7 @@ def _radial_map(out_shape: tuple[int, ...], centre: tuple[int, ...], num_bins: i
         w0 = torch.where(inside, 1 - frac, torch.ones_like(frac))
         high = torch.where(inside, low + 1, low)
         return _sparse_to_dense(rho.numel(), num_bins, low, high, w0, w1).to(dtype)
-    raise ValueError(f"radial interpolation must be 'nearest' or 'lerp', got {method!r}")
+    raise ConfigError(f"radial interpolation must be 'nearest' or 'lerp', got {method!r}")
 
 
 def _angular_map_2d(kernel: tuple[int, int], pad: tuple[int, int, int, int], method: str,
@@ -200,7 +201,7 @@ def _angular_map_2d(kernel: tuple[int, int], pad: tuple[int, int, int, int], met
     elif method == "slerp":
         w_lo, w_hi = torch.sin(d_hi) / torch.sin(span), torch.sin(d_lo) / torch.sin(span)
     else:
-        raise ValueError(f"angular interpolation must be 'nearest', 'alerp' or 'slerp', got {method!r}")
+        raise ConfigError(f"angular interpolation must be 'nearest', 'alerp' or 'slerp', got {method!r}")
 
     copy_idx = (kr.clamp(0, kh - 1) * kw + ks.clamp(0, kw - 1))
     idx0 = torch.where(interior, copy_idx, cells[lo])
@@ -276,7 +277,7 @@ def _pair_index(sizes: tuple[int, ...], table_shape: tuple[int, ...], device: to
     index = sum(d * math.prod(table_shape[a + 1:]) for a, d in enumerate(disp))
     if int(index.max()) >= math.prod(table_shape):
         height, width = sizes
-        raise ValueError(
+        raise ConfigError(
             f"bug_compatible relative_position cannot run on a {height}x{width} hidden map with this "
             f"kernel: the original reads past its {table_shape[0]}x{table_shape[1]} reference table here "
             f"(non-deterministic garbage; happens when H > W, and for some non-square kernels). "
@@ -444,15 +445,15 @@ def _angular_map_cached(kernel, pad, method, dtype, device) -> torch.Tensor:
 def _op_method(op: str, interpolation: str) -> str:
     names = _OP_NAME_MEANS[op]
     if not isinstance(interpolation, str) or interpolation not in names:
-        raise ValueError(f"{op}_pad2d: unknown interpolation {interpolation!r}; the original op knows "
-                         f"{sorted(names)}")
+        raise ConfigError(f"{op}_pad2d: unknown interpolation {interpolation!r}; the original op knows "
+                          f"{sorted(names)}")
     return names[interpolation]
 
 
 def _check_pad(pad) -> tuple[int, int, int, int]:
     pad = tuple(int(p) for p in pad)
     if len(pad) != 4:
-        raise ValueError(f"pad must be 4 ints (left, right, up, down), got {pad}")
+        raise InputError(f"pad must be 4 ints (left, right, up, down), got {pad}")
     return pad
 
 
@@ -466,11 +467,11 @@ def rotative_pad2d(input: torch.Tensor, pad: Sequence[int], interpolation: str =
     method = _op_method("rotative", interpolation)
     left, right, up, down = _check_pad(pad)
     if input.dim() != 3 or not input.is_floating_point():
-        raise ValueError(f"rotative_pad2d: input must be a floating (B, C, K) tensor, got {tuple(input.shape)} "
+        raise InputError(f"rotative_pad2d: input must be a floating (B, C, K) tensor, got {tuple(input.shape)} "
                          f"{input.dtype}")
     out_shape = (1 + up + down, 1 + left + right)
     if min(out_shape) < 1:
-        raise ValueError(f"rotative_pad2d: pad {pad} gives an empty table")
+        raise InputError(f"rotative_pad2d: pad {pad} gives an empty table")
     m = _radial_map_cached(out_shape, (up, left), input.shape[-1], method, input.dtype, input.device)
     return (input @ m.T).reshape(*input.shape[:2], *out_shape)
 
@@ -485,12 +486,12 @@ def spherical_pad2d(input: torch.Tensor, pad: Sequence[int], interpolation: str 
     method = _op_method("spherical", interpolation)
     pad = _check_pad(pad)
     if input.dim() != 4 or not input.is_floating_point():
-        raise ValueError(f"spherical_pad2d: input must be a floating (B, C, kh, kw) tensor, got "
+        raise InputError(f"spherical_pad2d: input must be a floating (B, C, kh, kw) tensor, got "
                          f"{tuple(input.shape)} {input.dtype}")
     kh, kw = input.shape[-2:]
     out_h, out_w = kh + pad[2] + pad[3], kw + pad[0] + pad[1]
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"spherical_pad2d: pad {pad} leaves nothing of a {kh}x{kw} input")
+        raise InputError(f"spherical_pad2d: pad {pad} leaves nothing of a {kh}x{kw} input")
     m = _angular_map_cached((kh, kw), pad, method, input.dtype, input.device)
     return (input.flatten(2) @ m.T).reshape(*input.shape[:2], out_h, out_w)
 
@@ -498,7 +499,7 @@ def spherical_pad2d(input: torch.Tensor, pad: Sequence[int], interpolation: str 
 def _check_affinity(affinity: torch.Tensor, channels: int, height: int, width: int, op: str) -> torch.Tensor:
     expected = (channels, 2 * height - 1, 2 * width - 1)
     if tuple(affinity.shape) != expected:
-        raise ValueError(f"{op}: affinity must have shape (d, 2H-1, 2W-1) = {expected}, got "
+        raise InputError(f"{op}: affinity must have shape (d, 2H-1, 2W-1) = {expected}, got "
                          f"{tuple(affinity.shape)}")
     return affinity.reshape(channels, -1)
 
@@ -537,7 +538,7 @@ def relative_attend_query2d(query: torch.Tensor, affinity: torch.Tensor, height:
     ``"reference"`` :func:`relative_attend_query_reference`.
     """
     if query.dim() != 3 or query.shape[-1] != height * width:
-        raise ValueError(f"relative_attend_query2d: query must be (B, d, {height}*{width}), got {tuple(query.shape)}")
+        raise InputError(f"relative_attend_query2d: query must be (B, d, {height}*{width}), got {tuple(query.shape)}")
     table = _check_affinity(affinity, query.shape[1], height, width, "relative_attend_query2d")
     if resolve(backend, BACKENDS, "relative_attend_query2d backend") == "reference":
         return relative_attend_query_reference(query, affinity, (height, width))
@@ -556,7 +557,7 @@ def relative_attend_weight2d(weight: torch.Tensor, affinity: torch.Tensor, heigh
     """
     num = height * width
     if weight.dim() != 3 or tuple(weight.shape[1:]) != (num, num):
-        raise ValueError(f"relative_attend_weight2d: weight must be (B, {num}, {num}), got {tuple(weight.shape)}")
+        raise InputError(f"relative_attend_weight2d: weight must be (B, {num}, {num}), got {tuple(weight.shape)}")
     table = _check_affinity(affinity, affinity.shape[0], height, width, "relative_attend_weight2d")
     if resolve(backend, BACKENDS, "relative_attend_weight2d backend") == "reference":
         return relative_attend_weight_reference(weight, affinity, (height, width))
@@ -574,7 +575,7 @@ def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
         return (value,) * n
     value = tuple(value)
     if len(value) != n or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or {n} ints, got {value!r}")
+        raise ConfigError(f"{name} must be an int or {n} ints, got {value!r}")
     return value
 
 
@@ -595,23 +596,23 @@ class _MultiheadNonlocalNd(nn.Module):
         for old in older_names:
             if not old.startswith("rasa_") or "rpa_" + old[5:] not in (
                     "rpa_mode", "rpa_kernel_size", "rpa_interpolation", "rpa_zero_init"):
-                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {old!r}")
+                raise ArgumentError(f"{type(self).__name__}() got an unexpected keyword argument {old!r}")
         rpa_mode = _take_older(older_names, "mode", rpa_mode, None)
         rpa_kernel_size = _take_older(older_names, "kernel_size", rpa_kernel_size, None)
         rpa_interpolation = _take_older(older_names, "interpolation", rpa_interpolation, "nearest")
         rpa_zero_init = _take_older(older_names, "zero_init", rpa_zero_init, True)
 
         if not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+            raise ConfigError(f"in_channels must be a positive int, got {in_channels!r}")
         hidden_channels = in_channels if hidden_channels is None else hidden_channels
         if not isinstance(hidden_channels, int) or hidden_channels < 1:
-            raise ValueError(f"hidden_channels must be a positive int or None, got {hidden_channels!r}")
+            raise ConfigError(f"hidden_channels must be a positive int or None, got {hidden_channels!r}")
         if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+            raise ConfigError(f"num_heads must be a positive int, got {num_heads!r}")
         if rpa_mode is False:
             rpa_mode = None
         if rpa_mode is not None and rpa_mode not in RPA_MODES:
-            raise ValueError(f"rpa_mode must be None, 'relative_distance' or 'relative_position', got {rpa_mode!r}")
+            raise ConfigError(f"rpa_mode must be None, 'relative_distance' or 'relative_position', got {rpa_mode!r}")
 
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
@@ -657,16 +658,16 @@ class _MultiheadNonlocalNd(nn.Module):
             if not isinstance(size, int):
                 size = tuple(size)
                 if len(size) != 1:
-                    raise ValueError(f"relative_distance takes one rpa_kernel_size (number of distance bins), "
-                                     f"got {size!r}")
+                    raise ConfigError(f"relative_distance takes one rpa_kernel_size (number of distance bins), "
+                                      f"got {size!r}")
                 size = size[0]
             if size < 1:
-                raise ValueError(f"rpa_kernel_size must be >= 1, got {size}")
+                raise ConfigError(f"rpa_kernel_size must be >= 1, got {size}")
             return (size,)
         size = _ntuple(size, self.ndim, "rpa_kernel_size")
         if any(k < 1 or k % 2 == 0 for k in size):
-            raise ValueError(f"relative_position needs odd rpa_kernel_size (the kernel centre is the zero "
-                             f"displacement; even kernels were broken in the original), got {size}")
+            raise ConfigError(f"relative_position needs odd rpa_kernel_size (the kernel centre is the zero "
+                              f"displacement; even kernels were broken in the original), got {size}")
         return size
 
     @staticmethod
@@ -679,7 +680,7 @@ class _MultiheadNonlocalNd(nn.Module):
             known = {"nearest": "nearest", "alerp": "alerp", "slerp": "slerp",
                      "lerp": "nearest" if bug_compatible else "alerp"}
         if name not in known:
-            raise ValueError(f"rpa_interpolation {name!r} is not a {mode} method; choose from {sorted(known)}")
+            raise ConfigError(f"rpa_interpolation {name!r} is not a {mode} method; choose from {sorted(known)}")
         return known[name]
 
     def reset_parameters(self) -> None:
@@ -742,9 +743,9 @@ class _MultiheadNonlocalNd(nn.Module):
         in the bug-compatible non-square 2-D case the original's transposed layout.
         """
         if self.rpa_mode is None:
-            raise ValueError("reference_affinity needs an rpa_mode")
+            raise ConfigError("reference_affinity needs an rpa_mode")
         if which not in ("k", "v"):
-            raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+            raise ConfigError(f"which must be 'k' or 'v', got {which!r}")
         sizes = tuple(int(s) for s in hidden_size)
         a = (self.a_k if which == "k" else self.a_v)[head]
         m = self._map(sizes, a.dtype, a.device)
@@ -754,13 +755,13 @@ class _MultiheadNonlocalNd(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != self.ndim + 2:
-            raise ValueError(f"{type(self).__name__} expects a (B, C, {self.ndim} spatial dims) tensor, got shape "
+            raise InputError(f"{type(self).__name__} expects a (B, C, {self.ndim} spatial dims) tensor, got shape "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} has in_channels={self.in_channels}, input has {x.shape[1]} "
+            raise InputError(f"{type(self).__name__} has in_channels={self.in_channels}, input has {x.shape[1]} "
                              f"channels (shape {tuple(x.shape)})")
         if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} needs a floating-point input, got {x.dtype}")
+            raise InputTypeError(f"{type(self).__name__} needs a floating-point input, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, *spatial) -> (B, C_in, *spatial)."""
@@ -822,7 +823,7 @@ def _take_older(older: dict, suffix: str, value, default):
     if key not in older:
         return value
     if value != default and value != older[key]:
-        raise TypeError(f"got both rpa_{suffix}={value!r} and its older spelling {key}={older[key]!r}")
+        raise ArgumentError(f"got both rpa_{suffix}={value!r} and its older spelling {key}={older[key]!r}")
     return older[key]
 
 

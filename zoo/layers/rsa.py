@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.errors import ConfigError, InputError, InputTypeError
 from zoo.ops.backend import PURE_TORCH, check_backend, from_deprecated, resolve
 
 __all__ = ["RSA", "RSADims", "rsa_core_reference", "rsa_core_chunked"]
@@ -406,26 +407,26 @@ class RSA(nn.Module):
                  impl: Optional[str] = None, chunk_budget: int = 1 << 23):
         super().__init__()
         if kernel_type not in _TYPES:
-            raise ValueError(f"RSA: kernel_type must be one of {_TYPES}, got {kernel_type!r}")
+            raise ConfigError(f"RSA: kernel_type must be one of {_TYPES}, got {kernel_type!r}")
         if feat_type not in _TYPES:
-            raise ValueError(f"RSA: feat_type must be one of {_TYPES}, got {feat_type!r}")
+            raise ConfigError(f"RSA: feat_type must be one of {_TYPES}, got {feat_type!r}")
         backend = from_deprecated("RSA", "impl", impl, {"chunked": "auto", "reference": "reference"},
                                   check_backend(backend, PURE_TORCH, "RSA backend"))
         kernel_size = tuple(int(s) for s in kernel_size)
         if len(kernel_size) != 3 or any(s < 1 for s in kernel_size):
-            raise ValueError(f"RSA: kernel_size must be three positive ints (kT, kH, kW), got {kernel_size}")
+            raise ConfigError(f"RSA: kernel_size must be three positive ints (kT, kH, kW), got {kernel_size}")
         if nh < 1 or d_in < 1:
-            raise ValueError(f"RSA: d_in and nh must be positive, got d_in={d_in}, nh={nh}")
+            raise ConfigError(f"RSA: d_in and nh must be positive, got d_in={d_in}, nh={nh}")
         # Derivation order matters (spec §1.1): dv, then dk, then dd.
         dv = d_out // nh if dv == 0 else dv
         dk = dv if dk == 0 else dk
         dd = dk if dd == 0 else dd
         if min(dv, dk, dd) < 1:
-            raise ValueError(f"RSA: derived sizes must be positive, got dv={dv}, dk={dk}, dd={dd}")
+            raise ConfigError(f"RSA: derived sizes must be positive, got dv={dv}, dk={dk}, dd={dd}")
         if kernel_type == "V" and dd != dk:
-            raise ValueError(f"RSA: kernel_type 'V' uses the query as the kernel, so dd must equal dk; got dd={dd}, dk={dk}")
+            raise ConfigError(f"RSA: kernel_type 'V' uses the query as the kernel, so dd must equal dk; got dd={dd}, dk={dk}")
         if feat_type == "VplusR" and dv != dk:
-            raise ValueError(f"RSA: feat_type 'VplusR' adds a dk x dk identity to a dv x dv matrix, so dv must equal dk; got dv={dv}, dk={dk}")
+            raise ConfigError(f"RSA: feat_type 'VplusR' adds a dk x dk identity to a dv x dv matrix, so dv must equal dk; got dv={dv}, dk={dk}")
         self.d_in, self.d_out, self.nh = d_in, d_out, nh
         self.dv, self.dk, self.dd = dv, dk, dd
         self.kernel_size = kernel_size
@@ -459,9 +460,9 @@ class RSA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (N, d_in, T, H, W) -> (N, nh * dv, T, H', W')."""
         if x.dim() != 5 or x.shape[1] != self.d_in:
-            raise ValueError(f"RSA expects input (N, {self.d_in}, T, H, W), got {tuple(x.shape)}")
+            raise InputError(f"RSA expects input (N, {self.d_in}, T, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"RSA expects a floating-point input, got {x.dtype}")
+            raise InputTypeError(f"RSA expects a floating-point input, got {x.dtype}")
         N, _, T, H, W = x.shape
         nh, dk, dv = self.nh, self.dk, self.dv
         z = self.projection(x)

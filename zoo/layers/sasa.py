@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import ConfigError, InputError
 from zoo.ops.backend import NEIGHBORHOOD_BACKENDS, check_backend
 from zoo.ops.neighborhood_attn import neighborhood_attention
 
@@ -72,7 +73,7 @@ def _row_col_table(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def _check_input(x: torch.Tensor, channels: int, layer: str) -> None:
     if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{layer} expects input (B, {channels}, H, W), got {tuple(x.shape)}")
+        raise InputError(f"{layer} expects input (B, {channels}, H, W), got {tuple(x.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,9 +113,9 @@ class RelativeSelfAttention(nn.Module):
                  *, backend: str = "auto"):
         super().__init__()
         if d_out % groups or d_out % 2:
-            raise ValueError(f"d_out={d_out} must be even and divisible by groups={groups}")
+            raise ConfigError(f"d_out={d_out} must be even and divisible by groups={groups}")
         if ks < 1 or stride < 1:
-            raise ValueError(f"ks and stride must be >= 1, got ks={ks}, stride={stride}")
+            raise ConfigError(f"ks and stride must be >= 1, got ks={ks}, stride={stride}")
         self.d_in, self.d_out, self.ks, self.groups, self.stride = d_in, d_out, ks, groups, stride
         self.bug_compatible = bug_compatible
         self.backend = check_backend(backend, NEIGHBORHOOD_BACKENDS, "RelativeSelfAttention backend")
@@ -158,12 +159,12 @@ def _leader_geometry(layer: nn.Module) -> None:
     """Constructor checks shared by AttentionConv/AttentionStem (queries at s*i, windows from row s*i - padding)."""
     k, s, p = layer.kernel_size, layer.stride, layer.padding
     if 2 * p < k - 1:
-        raise ValueError(
+        raise ConfigError(
             f"{type(layer).__name__}: padding={p} is too small for kernel_size={k} (need padding >= {k // 2}); "
             "the original fails on this configuration too")
     if layer.bug_compatible and s != 1:
-        raise ValueError(f"{type(layer).__name__}(bug_compatible=True): stride={s} is not supported by the original "
-                         "(it crashes); use bug_compatible=False for strided attention")
+        raise ConfigError(f"{type(layer).__name__}(bug_compatible=True): stride={s} is not supported by the original "
+                          "(it crashes); use bug_compatible=False for strided attention")
 
 
 class AttentionConv(nn.Module):
@@ -188,7 +189,7 @@ class AttentionConv(nn.Module):
                  groups: int = 1, bias: bool = False, bug_compatible: bool = False, *, backend: str = "auto"):
         super().__init__()
         if out_channels % groups or out_channels % 2:
-            raise ValueError(f"out_channels={out_channels} must be even and divisible by groups={groups}")
+            raise ConfigError(f"out_channels={out_channels} must be even and divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         self.bug_compatible = bug_compatible
@@ -245,7 +246,7 @@ class AttentionStem(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         if out_channels % groups:
-            raise ValueError(f"out_channels={out_channels} must be divisible by groups={groups}")
+            raise ConfigError(f"out_channels={out_channels} must be divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups, self.m = kernel_size, stride, padding, groups, m
         self.bug_compatible = bug_compatible
@@ -315,11 +316,11 @@ class SASAttention2d(nn.Module):
                  padding_mode: str = "mask", bias: bool = False, *, backend: str = "auto"):
         super().__init__()
         if out_channels % heads or (out_channels // heads) % 2:
-            raise ValueError(f"out_channels={out_channels} must split into heads={heads} of even width")
+            raise ConfigError(f"out_channels={out_channels} must split into heads={heads} of even width")
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {sorted(_PADDING_MODES)}, got {padding_mode!r}")
+            raise ConfigError(f"padding_mode must be one of {sorted(_PADDING_MODES)}, got {padding_mode!r}")
         if kernel_size < 1 or stride < 1:
-            raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
+            raise ConfigError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.heads, self.padding_mode = stride, heads, _PADDING_MODES[padding_mode]
         self.backend = check_backend(backend, NEIGHBORHOOD_BACKENDS, "SASAttention2d backend")
@@ -377,7 +378,7 @@ class SASAttentionStem(nn.Module):
                  mixtures: int = 4, bias: bool = False):
         super().__init__()
         if out_channels % heads:
-            raise ValueError(f"out_channels={out_channels} must be divisible by heads={heads}")
+            raise ConfigError(f"out_channels={out_channels} must be divisible by heads={heads}")
         self.in_channels, self.out_channels, self.block, self.heads, self.mixtures = \
             in_channels, out_channels, block, heads, mixtures
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=bias)

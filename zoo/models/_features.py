@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from zoo.errors import ConfigError
+
 __all__ = ["FeaturePoint", "FeatureInfo", "FeatureListNet"]
 
 
@@ -90,13 +92,13 @@ class FeatureListNet(nn.Module):
     def __init__(self, model: nn.Module, out_indices: Optional[Sequence[int]] = None):
         super().__init__()
         if not hasattr(model, "forward_intermediates"):
-            raise ValueError(f"{type(model).__name__} cannot be a backbone (features_only): it has no feature maps")
+            raise ConfigError(f"{type(model).__name__} cannot be a backbone (features_only): it has no feature maps")
         points = model.feature_points()
         indices = tuple(range(len(points))) if out_indices is None else tuple(int(i) for i in out_indices)
         bad = [i for i in indices if not -len(points) <= i < len(points)]
         if not indices or bad:
-            raise ValueError(f"out_indices {list(indices)}: {type(model).__name__} has feature maps 0..{len(points) - 1} "
-                             f"({', '.join(p.module for p in points)})")
+            raise ConfigError(f"out_indices {list(indices)}: {type(model).__name__} has feature maps 0..{len(points) - 1} "
+                              f"({', '.join(p.module for p in points)})")
         self.out_indices = tuple(i % len(points) for i in indices)
         self.feature_info = FeatureInfo(points, self.out_indices)
         self.pruned = tuple(f"model.{path}." for path in model.feature_head)

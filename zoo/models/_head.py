@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from zoo.errors import ConfigError
+
 __all__ = ["POOL_TYPES", "GlobalPool", "PooledClassifier", "check_pooling", "classifier_layer"]
 
 #: ``global_pool`` values: average, maximum, their mean, or '' (no pooling, with num_classes=0 only).
@@ -33,7 +35,7 @@ class GlobalPool(nn.Module):
     def __init__(self, pool_type: str = "avg", start_dim: int = 2):
         super().__init__()
         if pool_type not in POOL_TYPES:
-            raise ValueError(f"global_pool must be one of {', '.join(repr(p) for p in POOL_TYPES)}, got {pool_type!r}")
+            raise ConfigError(f"global_pool must be one of {', '.join(repr(p) for p in POOL_TYPES)}, got {pool_type!r}")
         self.pool_type, self.start_dim = pool_type, start_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,14 +54,14 @@ class GlobalPool(nn.Module):
 def classifier_layer(num_features: int, num_classes: int, bias: bool = True) -> nn.Module:
     """``nn.Linear(num_features, num_classes)``, or ``nn.Identity()`` for ``num_classes`` 0 (timm's rule)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}")
     return nn.Linear(num_features, num_classes, bias=bias) if num_classes > 0 else nn.Identity()
 
 
 def check_pooling(pool_type: str, num_classes: int) -> None:
     """No pooling ('') leaves a map, which only a model without a classifier can return."""
     if pool_type == "" and num_classes:
-        raise ValueError("global_pool='' (no pooling) needs num_classes=0: a classifier needs pooled features")
+        raise ConfigError("global_pool='' (no pooling) needs num_classes=0: a classifier needs pooled features")
 
 
 class PooledClassifier:

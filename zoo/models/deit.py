@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zoo.convert import register_hook
+from zoo.errors import ArgumentError, ConfigError
 from zoo.layers.irpe import RPEAttention, get_rpe_config
 from zoo.models._features import FeaturePoint
 from zoo.models._head import classifier_layer
@@ -81,7 +82,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+            raise ConfigError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 2
@@ -190,8 +191,8 @@ class VisionTransformer(nn.Module):
 
 def _check_token_pool(global_pool: str) -> str:
     if global_pool not in ("token", "avg"):
-        raise ValueError(f"global_pool must be 'token' (the class token) or 'avg' (the patch tokens' mean), "
-                         f"got {global_pool!r}")
+        raise ConfigError(f"global_pool must be 'token' (the class token) or 'avg' (the patch tokens' mean), "
+                          f"got {global_pool!r}")
     return global_pool
 
 
@@ -208,7 +209,7 @@ def _deit(size: str, ratio: float, method: str, rpe_on: str, **kwargs) -> Vision
     kwargs.setdefault("embed_dim", embed_dim)
     kwargs.setdefault("num_heads", num_heads)
     if "rpe_config" in kwargs:
-        raise TypeError("this registered model fixes its iRPE; build VisionTransformer(rpe_config=...) for another")
+        raise ArgumentError("this registered model fixes its iRPE; build VisionTransformer(rpe_config=...) for another")
     return VisionTransformer(patch_size=16, rpe_config=deit_rpe_config(ratio, method, rpe_on), **kwargs)
 
 

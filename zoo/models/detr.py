@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from zoo.convert import register_hook
-from zoo.errors import ConversionError, InputError
+from zoo.errors import ConfigError, ConversionError, InputError
 from zoo.layers.irpe import RPEMultiheadAttention, rpe_config_from_spec
 from zoo.models._features import FeaturePoint
 from zoo.models._inputs import check_batch, weight_dtype
@@ -77,7 +77,7 @@ class PostProcess(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         target_sizes = torch.as_tensor(target_sizes, device=logits.device)
         if target_sizes.shape != (logits.shape[0], 2):
-            raise ValueError(f"target_sizes must be (B, 2) = ({logits.shape[0]}, 2) [h, w], got {tuple(target_sizes.shape)}")
+            raise InputError(f"target_sizes must be (B, 2) = ({logits.shape[0]}, 2) [h, w], got {tuple(target_sizes.shape)}")
         prob = F.softmax(logits, -1)
         scores, labels = prob[..., :-1].max(-1)
         img_h, img_w = target_sizes.unbind(1)
@@ -102,7 +102,7 @@ class PositionEmbeddingSine(nn.Module):
                  scale: Optional[float] = None):
         super().__init__()
         if scale is not None and not normalize:
-            raise ValueError("PositionEmbeddingSine: scale is only used with normalize=True")
+            raise ConfigError("PositionEmbeddingSine: scale is only used with normalize=True")
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -159,7 +159,7 @@ class _Joiner(nn.Sequential):
 def _activation(name: str):
     table = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
     if name not in table:
-        raise ValueError(f"activation must be one of {sorted(table)}, got '{name}'")
+        raise ConfigError(f"activation must be one of {sorted(table)}, got '{name}'")
     return table[name]
 
 
@@ -417,7 +417,7 @@ class DETR(nn.Module):
             if mask is None:
                 mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
             elif tuple(mask.shape) != (images.shape[0], *images.shape[2:]):
-                raise ValueError(f"mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
+                raise InputError(f"mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, got {tuple(mask.shape)}")
             mask = mask.bool()
         elif isinstance(images, torch.Tensor):
             raise InputError(f"DETR expects {layout}, got {tuple(images.shape)}")
@@ -467,7 +467,7 @@ class DETR(nn.Module):
 def _check_positive(**values) -> None:
     for name, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
 
 def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8, enc_layers: int = 6,
@@ -487,9 +487,9 @@ def build_detr(*, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8,
                     dec_layers=dec_layers, dim_feedforward=dim_feedforward, num_queries=num_queries,
                     backbone_width_div=backbone_width_div)
     if hidden_dim % nheads:
-        raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by nheads ({nheads})")
+        raise ConfigError(f"hidden_dim ({hidden_dim}) must be divisible by nheads ({nheads})")
     if position_embedding not in ("sine", "v2"):
-        raise ValueError(f"position_embedding '{position_embedding}' is not supported (only 'sine', alias 'v2')")
+        raise ConfigError(f"position_embedding '{position_embedding}' is not supported (only 'sine', alias 'v2')")
     body = ResNet(layers=tuple(backbone_layers), width_div=backbone_width_div,
                   norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
                   replace_stride_with_dilation=(False, False, bool(dilation)), in_chans=in_chans)
@@ -517,7 +517,7 @@ def detr_r50_irpe(enc_rpe2d: Optional[str] = None, rpe: Optional[str] = None, **
     trainable_backbone_layers (see :func:`build_detr`).
     """
     if enc_rpe2d is not None and rpe is not None and enc_rpe2d != rpe:
-        raise ValueError(f"enc_rpe2d='{enc_rpe2d}' and its alias rpe='{rpe}' disagree; give one")
+        raise ConfigError(f"enc_rpe2d='{enc_rpe2d}' and its alias rpe='{rpe}' disagree; give one")
     spec = enc_rpe2d if enc_rpe2d is not None else rpe
     return build_detr(enc_rpe2d="rpe-2.0-product-ctx-1-k" if spec is None else spec, **kwargs)
 

@@ -35,7 +35,7 @@ from torchvision.ops.poolers import _setup_scales
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from zoo.errors import InputError
+from zoo.errors import ConfigError, InputError
 from zoo.layers.rpa import MultiheadNonlocal2d
 from zoo.models._features import FeaturePoint
 from zoo.models._inputs import check_batch, check_finite, weight_dtype
@@ -61,14 +61,14 @@ class BalancedFeaturePyramid(nn.Module):
     def __init__(self, num_levels: int = 5, refine_level: int = 2, refine: Optional[nn.Module] = None):
         super().__init__()
         if not 0 <= refine_level < num_levels:
-            raise ValueError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
+            raise ConfigError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
         self.num_levels = num_levels
         self.refine_level = refine_level
         self.refine = refine if refine is not None else nn.Identity()
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(features) != self.num_levels:
-            raise ValueError(f"BalancedFeaturePyramid expects {self.num_levels} levels, got {len(features)}")
+            raise InputError(f"BalancedFeaturePyramid expects {self.num_levels} levels, got {len(features)}")
         size = features[self.refine_level].shape[-2:]
         gathered = [F.adaptive_max_pool2d(f, size) if i < self.refine_level else F.interpolate(f, size=size, mode="nearest")
                     for i, f in enumerate(features)]
@@ -173,7 +173,7 @@ class HandRaiseRCNN(FasterRCNN):
             detector_kwargs.setdefault("image_std", _per_channel(IMAGENET_STD, in_chans))
         if anchor_sizes is not None:
             if len(anchor_sizes) != 5:
-                raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
+                raise ConfigError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
             detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(size),) for size in anchor_sizes),
                                                                       ((0.5, 1.0, 2.0),) * 5)
         if representation_size is not None:
@@ -235,7 +235,7 @@ class HandRaiseRCNN(FasterRCNN):
     def reset_classifier(self, num_classes: int) -> None:
         """A new box predictor (class scores and per-class boxes) for ``num_classes``, background included."""
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes counts the background: an int >= 2, got {num_classes!r}")
+            raise ConfigError(f"num_classes counts the background: an int >= 2, got {num_classes!r}")
         old = self.roi_heads.box_predictor
         self.roi_heads.box_predictor = FastRCNNPredictor(old.cls_score.in_features, num_classes)
 

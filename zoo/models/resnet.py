@@ -24,7 +24,7 @@ from torch import nn
 from zoo.checkpoint import load_into
 from zoo.config import WeightsEntry
 from zoo.convert import TRANSFORMS
-from zoo.errors import ConversionError
+from zoo.errors import ConfigError, ConversionError
 from zoo.models._features import FeaturePoint
 from zoo.models._head import PooledClassifier
 from zoo.models._inputs import check_batch, weight_dtype
@@ -75,12 +75,12 @@ def load_imagenet_resnet50(body: "ResNet", *, source: Optional[str] = None, sha2
     """
     layers = tuple(len(stage) for stage in body.stages)
     if not hasattr(body, "conv1"):
-        raise ValueError("ImageNet ResNet weights need a ResNet with the standard stem (conv1/bn1)")
+        raise ConfigError("ImageNet ResNet weights need a ResNet with the standard stem (conv1/bn1)")
     width_div = 64 // body.conv1.out_channels
     if source is None:
         if layers != (3, 4, 6, 3) or width_div != 1:
-            raise ValueError(f"pretrained_backbone=True needs the full ResNet-50 backbone, got blocks {list(layers)} "
-                             f"at 1/{width_div} width")
+            raise ConfigError(f"pretrained_backbone=True needs the full ResNet-50 backbone, got blocks {list(layers)} "
+                              f"at 1/{width_div} width")
         entry = resnet50_imagenet_source()
         source, sha256 = entry.source, entry.sha256
     plain = ResNet(layers=layers, width_div=width_div)
@@ -108,7 +108,7 @@ def freeze_stages(body: "ResNet", trainable_layers: int) -> None:
     trained from scratch trains 5. Freezing sets ``requires_grad=False`` on those parameters.
     """
     if not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
+        raise ConfigError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
     frozen = set(STAGE_NAMES[:5 - trainable_layers])
     if "conv1" in frozen:
         frozen.add("bn1")
@@ -152,7 +152,7 @@ class _Convs:
 
     def __init__(self, dims: int, norm_layer: Optional[Callable[[int], nn.Module]]):
         if dims not in (2, 3):
-            raise ValueError(f"conv_dims must be 2 or 3, got {dims}")
+            raise ConfigError(f"conv_dims must be 2 or 3, got {dims}")
         self.dims = dims
         self.norm = norm_layer or (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)
 
@@ -240,11 +240,11 @@ class ResNet(PooledClassifier, nn.Module):
                  stochastic_depth: float = 0.0, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
-            raise ValueError(f"layers must be four positive block counts, got {tuple(layers)}")
+            raise ConfigError(f"layers must be four positive block counts, got {tuple(layers)}")
         if 64 % width_div:
-            raise ValueError(f"width_div must divide 64, got {width_div}")
+            raise ConfigError(f"width_div must divide 64, got {width_div}")
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation needs one flag for each of stages 2, 3, 4")
+            raise ConfigError("replace_stride_with_dilation needs one flag for each of stages 2, 3, 4")
         convs = _Convs(conv_dims, norm_layer)
         self.conv_dims, self.in_chans = conv_dims, in_chans
         width = 64 // width_div

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor, nn
 
 from zoo.convert import register_hook
-from zoo.errors import ConversionError, InputError
+from zoo.errors import ArgumentError, ConfigError, ConversionError, InputError
 from zoo.layers.rga import RGA_Module
 from zoo.models._features import FeaturePoint
 from zoo.models._head import GlobalPool, classifier_layer
@@ -61,8 +61,8 @@ class RGABackbone(ResNet):
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             # The original sizes the modules with (h // s) * (w // s) per stage; only multiples
             # of 16 make that equal to the real feature-map sizes.
-            raise ValueError(f"RGA ResNet-50 needs height and width that are positive multiples of 16, "
-                             f"got {height}x{width}")
+            raise ConfigError(f"RGA ResNet-50 needs height and width that are positive multiples of 16, "
+                              f"got {height}x{width}")
         super().__init__(layers=tuple(layers), width_div=width_div, last_stride=1, num_classes=None, in_chans=in_chans)
         self.height, self.width, self.width_div, self.layers = height, width, width_div, tuple(layers)
         # Registered after the ResNet's layers, so the keys follow backbone.layer4.* (spec §2.4),
@@ -119,18 +119,18 @@ class RGAResNet50(nn.Module):
                  global_pool: str = "avg") -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int (767 CUHK03, 751 Market-1501; 0: no "
-                             f"classifier), got {num_classes!r}")
+            raise ConfigError(f"num_classes must be a non-negative int (767 CUHK03, 751 Market-1501; 0: no "
+                              f"classifier), got {num_classes!r}")
         if test_feature not in ("feat_", "feat"):
-            raise ValueError(f"test_feature must be 'feat_' (before the BN-neck) or 'feat' (after it), got {test_feature!r}")
+            raise ConfigError(f"test_feature must be 'feat_' (before the BN-neck) or 'feat' (after it), got {test_feature!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.test_feature = test_feature
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
                                     width_div, backend, layers, in_chans)
         num_feat = self.backbone.out_channels
         if not global_pool:
-            raise ValueError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
+            raise ConfigError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
         self.global_pool = GlobalPool(global_pool)
         self.feat_bn = nn.BatchNorm1d(num_feat)
         nn.init.ones_(self.feat_bn.weight)
@@ -187,7 +187,7 @@ class RGAResNet50(nn.Module):
         """A new identity classifier ``cls`` (bias-free, N(0, 0.001) as the original; 0: none)."""
         if global_pool is not None:
             if not global_pool:
-                raise ValueError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
+                raise ConfigError("global_pool='' is not possible for re-id: the BN-neck takes pooled features")
             self.global_pool = GlobalPool(global_pool)
         self.cls = classifier_layer(self.num_features, num_classes, bias=False)
         if num_classes:
@@ -207,7 +207,7 @@ class RGAResNet50(nn.Module):
 def _build(use_spatial: bool, use_channel: bool, kwargs: dict) -> RGAResNet50:
     for name in ("use_spatial", "use_channel"):
         if name in kwargs:
-            raise TypeError(f"{name} is fixed by the variant; use rga_sc/rga_s/rga_c_resnet50 instead")
+            raise ArgumentError(f"{name} is fixed by the variant; use rga_sc/rga_s/rga_c_resnet50 instead")
     return RGAResNet50(use_spatial=use_spatial, use_channel=use_channel, **kwargs)
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor, nn
 
 from zoo.convert import register_hook
-from zoo.errors import ConversionError, InputError
+from zoo.errors import ConfigError, ConversionError, InputError
 from zoo.layers.rsa import RSA
 from zoo.models._features import FeaturePoint
 from zoo.models._head import GlobalPool
@@ -74,13 +74,13 @@ class RSANet(nn.Module):
                  pretrained_backbone: Union[bool, str] = False, in_chans: int = 3, global_pool: str = "avg") -> None:
         super().__init__()
         if not isinstance(num_segments, int) or num_segments < 1:
-            raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+            raise ConfigError(f"num_segments must be a positive int, got {num_segments!r}")
         if len(rsa_positions) != 4:
-            raise ValueError(f"rsa_positions needs one list of block indices per stage (4), got {rsa_positions!r}")
+            raise ConfigError(f"rsa_positions needs one list of block indices per stage (4), got {rsa_positions!r}")
         for stage, (blocks, n_blocks) in enumerate(zip(rsa_positions, layers), start=1):
             bad = [b for b in blocks if not 0 <= b < n_blocks]
             if bad:
-                raise ValueError(f"rsa_positions: stage {stage} has {n_blocks} blocks, no block {bad}")
+                raise ConfigError(f"rsa_positions: stage {stage} has {n_blocks} blocks, no block {bad}")
         self.num_classes, self.num_segments = num_classes, num_segments
         self.rsa_positions = tuple(tuple(int(b) for b in blocks) for blocks in rsa_positions)
         kernel_size = tuple(kernel_size)
@@ -156,10 +156,10 @@ class RSANet(nn.Module):
         0: none), and optionally another pooling of each frame."""
         if global_pool is not None:
             if not global_pool:
-                raise ValueError("global_pool='' is not possible for RSANet: its per-frame classifier takes pooled frames")
+                raise ConfigError("global_pool='' is not possible for RSANet: its per-frame classifier takes pooled frames")
             self.global_pool = GlobalPool(global_pool, start_dim=3)
         if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}")
+            raise ConfigError(f"num_classes must be a non-negative int (0: no classifier), got {num_classes!r}")
         if num_classes:
             self.new_fc = nn.Conv1d(self.num_features, num_classes, kernel_size=1)
             nn.init.xavier_uniform_(self.new_fc.weight)

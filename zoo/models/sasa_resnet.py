@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.convert import register_hook
-from zoo.errors import InputError
+from zoo.errors import ConfigError, InputError
 from zoo.layers.sasa import AttentionConv, AttentionStem, SASAttention2d, SASAttentionStem
 from zoo.models._features import FeaturePoint
 from zoo.models._head import PooledClassifier
@@ -66,9 +66,9 @@ def sasa_resnet(depth: int, stem: str = "attention", num_classes: Optional[int] 
             ``in_chans``, ``global_pool``).
     """
     if depth not in _LAYERS:
-        raise ValueError(f"depth must be one of {sorted(_LAYERS)}, got {depth}")
+        raise ConfigError(f"depth must be one of {sorted(_LAYERS)}, got {depth}")
     if stem not in _STEMS:
-        raise ValueError(f"stem must be one of {_STEMS}, got {stem!r}")
+        raise ConfigError(f"stem must be one of {_STEMS}, got {stem!r}")
 
     def spatial(stage: int, block: int, width: int, stride: int) -> nn.Module:
         return SASAttention2d(width, width, kernel_size, stride, heads, padding_mode)
@@ -199,7 +199,7 @@ class SASACifarResNet(PooledClassifier, nn.Module):
                  bug_compatible: bool = False, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if stem not in _STEMS:
-            raise ValueError(f"stem must be one of {_STEMS}, got {stem!r}")
+            raise ConfigError(f"stem must be one of {_STEMS}, got {stem!r}")
         self.bug_compatible, self.in_chans = bug_compatible, in_chans
         if stem == "attention":
             first = AttentionStem(in_chans, 64, kernel_size=4, stride=1, padding=2, groups=1, m=4,
@@ -243,8 +243,8 @@ class SASACifarResNet(PooledClassifier, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if self.bug_compatible and global_pool not in (None, "avg"):
-            raise ValueError(f"bug_compatible=True keeps the original's 4x4 average pool; global_pool={global_pool!r} "
-                             f"needs bug_compatible=False")
+            raise ConfigError(f"bug_compatible=True keeps the original's 4x4 average pool; global_pool={global_pool!r} "
+                              f"needs bug_compatible=False")
         super().reset_classifier(num_classes, global_pool)
 
     # -- backbone (zoo.models._features): the stem's map and each stage's --

@@ -40,7 +40,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from zoo.errors import ConfigError, OpsError
+from zoo.errors import ConfigError, InputError, InputTypeError, OpsError
 from zoo.ops.backend import NEIGHBORHOOD_BACKENDS, check_backend, resolve
 from zoo.ops.build import on_load, use_native
 from zoo.ops.relative_attn import compiled_flex_attention, flex_available
@@ -57,7 +57,7 @@ def _pair(value, name: str) -> tuple[int, int]:
         return (value, value)
     value = tuple(int(x) for x in value)
     if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ConfigError(f"{name} must be an int or a pair of ints, got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -66,28 +66,28 @@ def _check(q, k, v, rel, mix, kernel_size, stride):
     kh, kw = kernel_size
     sh, sw = stride
     if kh < 1 or kw < 1 or sh < 1 or sw < 1:
-        raise ValueError(f"kernel_size and stride must be >= 1, got kernel_size={kernel_size}, stride={stride}")
+        raise InputError(f"kernel_size and stride must be >= 1, got kernel_size={kernel_size}, stride={stride}")
     if q.dim() != 5 or k.dim() != 5:
-        raise ValueError(f"q and k must be (B, G, H, W, D), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        raise InputError(f"q and k must be (B, G, H, W, D), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head width")
+        raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head width")
     if mix is None:
         if v.dim() != 5 or v.shape[:4] != k.shape[:4]:
-            raise ValueError(f"v must be (B, G, Hk, Wk, Dv) matching k {tuple(k.shape)}, got {tuple(v.shape)}")
+            raise InputError(f"v must be (B, G, Hk, Wk, Dv) matching k {tuple(k.shape)}, got {tuple(v.shape)}")
         m = 1
     else:
         m = mix.shape[0]
         if mix.dim() != 2 or mix.shape[1] != kh * kw:
-            raise ValueError(f"mix must be (M, kh*kw) = (M, {kh * kw}), got {tuple(mix.shape)}")
+            raise InputError(f"mix must be (M, kh*kw) = (M, {kh * kw}), got {tuple(mix.shape)}")
         if v.dim() != 6 or v.shape[:4] != k.shape[:4] or v.shape[4] != m:
-            raise ValueError(f"with mix, v must be (B, G, Hk, Wk, M={m}, Dv) matching k, got {tuple(v.shape)}")
+            raise InputError(f"with mix, v must be (B, G, Hk, Wk, M={m}, Dv) matching k, got {tuple(v.shape)}")
     if rel is not None and tuple(rel.shape) != (q.shape[1], kh * kw, q.shape[-1]):
-        raise ValueError(f"rel must be (G, kh*kw, D) = {(q.shape[1], kh * kw, q.shape[-1])}, got {tuple(rel.shape)}")
+        raise InputError(f"rel must be (G, kh*kw, D) = {(q.shape[1], kh * kw, q.shape[-1])}, got {tuple(rel.shape)}")
     tensors = [t for t in (q, k, v, rel, mix) if t is not None]
     if not all(t.is_floating_point() for t in tensors) or len({t.dtype for t in tensors}) != 1:
-        raise TypeError(f"neighborhood attention needs one floating dtype, got {[t.dtype for t in tensors]}")
+        raise InputTypeError(f"neighborhood attention needs one floating dtype, got {[t.dtype for t in tensors]}")
     if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
+        raise InputError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
     return kh, kw, sh, sw, m
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from zoo.errors import DependencyError
+from zoo.errors import ConfigError, DependencyError
 
 try:  # the ``export`` extra; without it translation_table() says what to install
     from onnxscript import ir
@@ -120,8 +120,8 @@ def neighborhood_attn_onnx(q, k, v, rel=None, mix=None, kernel_size: Sequence[in
     _, _, hq, wq, d = _dims(q)
     _, _, hk, wk, _ = _dims(k)
     if None in (hq, wq, hk, wk, d):
-        raise ValueError(f"ONNX translation of neighborhood_attn needs static grids, got q {list(q.shape)}, "
-                         f"k {list(k.shape)}")
+        raise ConfigError(f"ONNX translation of neighborhood_attn needs static grids, got q {list(q.shape)}, "
+                          f"k {list(k.shape)}")
     kernel, stride, offset = tuple(kernel_size), tuple(stride), tuple(offset)
     slots = kernel[0] * kernel[1]
     ids, valid = _window_table(hq, wq, hk, wk, kernel, stride, offset)
@@ -200,7 +200,7 @@ def relative_attn_onnx(q, k, v, xq=None, xk=None, q_index=None, q_weight=None, k
     value product and, for a value term, the probabilities scattered per entry, as
     :func:`~zoo.ops.relative_attn.relative_attention_reference` (the module docstring there defines it)."""
     if dropout_p > 0:
-        raise ValueError("ONNX translation of relative_attn: attention dropout is for training; export in eval mode")
+        raise ConfigError("ONNX translation of relative_attn: attention dropout is for training; export in eval mode")
     offsets = _token_offsets(tuple(grid), int(skip))
     scores = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))                          # (B, H, Lq, Lk)
     pairs = op.Shape(scores)
@@ -276,7 +276,7 @@ def adaptive_max_pool2d_onnx(x, output_size: Sequence[int]):
     first column's row wins, where PyTorch scans row-major)."""
     *_, h, w = _dims(x)
     if h is None or w is None:
-        raise ValueError(f"ONNX translation of adaptive_max_pool2d needs a static input size, got {list(x.shape)}")
+        raise ConfigError(f"ONNX translation of adaptive_max_pool2d needs a static input size, got {list(x.shape)}")
     oh, ow = output_size
     rows_max, rows_at = _max_along(x, -2, _adaptive_windows(h, oh))                    # (..., oh, W)
     values, cols_at = _max_along(rows_max, -1, _adaptive_windows(w, ow))               # (..., oh, ow)

@@ -63,7 +63,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from zoo.errors import ConfigError, OpsError
+from zoo.errors import ConfigError, InputError, OpsError
 from zoo.ops.backend import ATTENTION_BACKENDS, check_backend, resolve
 from zoo.ops.build import native_available, on_load, use_native
 from zoo.ops.rpe_index import rpe_index
@@ -88,7 +88,7 @@ _cached_constant = torch.inference_mode(False)
 def _grid3(grid: Sequence[int]) -> tuple[int, int, int]:
     grid = tuple(int(g) for g in grid)
     if not 1 <= len(grid) <= 3 or min(grid) < 1:
-        raise ValueError(f"grid must be 1 to 3 positive sizes, got {grid}")
+        raise ConfigError(f"grid must be 1 to 3 positive sizes, got {grid}")
     return (1,) * (3 - len(grid)) + grid  # type: ignore[return-value]
 
 
@@ -190,21 +190,21 @@ def pair_taps(ids: torch.Tensor, *, grid: Sequence[int], skip: int = 0, num_entr
     ids = ids[None] if ids.dim() == 1 else ids
     num_offsets = math.prod(2 * n - 1 for n in grid)
     if ids.dim() != 2 or ids.shape[0] not in (1, 2) or ids.shape[1] != num_offsets:
-        raise ValueError(f"pair_taps: ids must be (1 or 2, {num_offsets}) for grid {grid}, got {tuple(ids.shape)}")
+        raise InputError(f"pair_taps: ids must be (1 or 2, {num_offsets}) for grid {grid}, got {tuple(ids.shape)}")
     taps = ids.shape[0]
     if skip > 0 and (skip_ids is None or len(skip_ids) != taps):
-        raise ValueError(f"pair_taps: skip={skip} needs {taps} skip_ids")
+        raise InputError(f"pair_taps: skip={skip} needs {taps} skip_ids")
     extra = torch.tensor(list(skip_ids) if skip_ids is not None else [0] * taps, dtype=ids.dtype,
                          device=ids.device).view(taps, 1)
     index = torch.cat([ids, extra], 1)
     if int(index.min()) < 0 or int(index.max()) >= num_entries:
-        raise ValueError(f"pair_taps: entry ids must be in [0, {num_entries}), got [{int(index.min())}, "
+        raise InputError(f"pair_taps: entry ids must be in [0, {num_entries}), got [{int(index.min())}, "
                          f"{int(index.max())}]")
     if weight is not None:
         weight = torch.as_tensor(weight)
         weight = weight[None] if weight.dim() == 1 else weight
         if tuple(weight.shape) != tuple(ids.shape):
-            raise ValueError(f"pair_taps: weight {tuple(weight.shape)} must match ids {tuple(ids.shape)}")
+            raise InputError(f"pair_taps: weight {tuple(weight.shape)} must match ids {tuple(ids.shape)}")
         extra_w = torch.tensor(list(skip_weight) if skip_weight is not None else [1.0] * taps, dtype=weight.dtype,
                                device=weight.device).view(taps, 1)
         weight = torch.cat([weight, extra_w], 1).contiguous()
@@ -351,14 +351,14 @@ def relative_attention_reference(q, k, v, *, query_term: Optional[Term] = None, 
 
 def _check(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mask, dropout_p) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"relative_attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+        raise InputError(f"relative_attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     B, H, Lq, D = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"relative_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not "
+        raise InputError(f"relative_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not "
                          f"fit together")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"relative_attention: dropout_p must be in [0, 1], got {dropout_p}")
+        raise InputError(f"relative_attention: dropout_p must be in [0, 1], got {dropout_p}")
     layouts = set()
     for name, term, length in (("query_term", query_term, Lq), ("key_term", key_term, k.shape[2])):
         if term is None:
@@ -366,27 +366,27 @@ def _check(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mas
         x = term.values
         if x.dim() != 4 or x.shape[0] not in (1, B) or x.shape[1] not in (1, H) or x.shape[2] not in (1, length) or \
                 x.shape[3] != term.taps.num_entries:
-            raise ValueError(f"relative_attention: {name} values must be (B or 1, H or 1, L or 1, "
+            raise InputError(f"relative_attention: {name} values must be (B or 1, H or 1, L or 1, "
                              f"{term.taps.num_entries}), got {tuple(x.shape)}")
         layouts.add((term.taps.grid, term.taps.skip))
     if value_term is not None:
         table = value_term.values
         if table.dim() != 3 or table.shape[0] not in (1, H) or table.shape[1] != value_term.taps.num_entries or \
                 table.shape[2] != v.shape[3]:
-            raise ValueError(f"relative_attention: value_term values must be a table (H or 1, "
+            raise InputError(f"relative_attention: value_term values must be a table (H or 1, "
                              f"{value_term.taps.num_entries}, {v.shape[3]}), got {tuple(table.shape)}")
         layouts.add((value_term.taps.grid, value_term.taps.skip))
     if layouts:
         if len(layouts) > 1:
-            raise ValueError(f"relative_attention: the terms disagree on the token layout (grid, skip): {layouts}")
+            raise InputError(f"relative_attention: the terms disagree on the token layout (grid, skip): {layouts}")
         (grid, skip), = layouts
         tokens = skip + math.prod(grid)
         if Lq != tokens or k.shape[2] != tokens:
-            raise ValueError(f"relative_attention: relative terms need {skip} + {'x'.join(map(str, grid))} = "
+            raise InputError(f"relative_attention: relative terms need {skip} + {'x'.join(map(str, grid))} = "
                              f"{tokens} query and key tokens, got {Lq} and {k.shape[2]}")
     if attn_bias is not None:
         if not attn_bias.is_floating_point() or attn_bias.dim() > 4:
-            raise ValueError(f"relative_attention: attn_bias must be an additive float mask, got {attn_bias.dtype} "
+            raise InputError(f"relative_attention: attn_bias must be an additive float mask, got {attn_bias.dtype} "
                              f"{tuple(attn_bias.shape)}")
         target = (B, H, Lq, k.shape[2])
         try:
@@ -394,10 +394,10 @@ def _check(q, k, v, query_term, key_term, value_term, attn_bias, key_padding_mas
         except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"relative_attention: attn_bias {tuple(attn_bias.shape)} does not broadcast to {target}")
+            raise InputError(f"relative_attention: attn_bias {tuple(attn_bias.shape)} does not broadcast to {target}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or
                                          tuple(key_padding_mask.shape) != (B, k.shape[2])):
-        raise ValueError(f"relative_attention: key_padding_mask must be bool (B, Lk) = {(B, k.shape[2])}, got "
+        raise InputError(f"relative_attention: key_padding_mask must be bool (B, Lk) = {(B, k.shape[2])}, got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.errors import InputError, InputTypeError
 from zoo.ops.build import on_load, use_native
 
 __all__ = ["rpe_index", "rpe_index_reference", "OP_NAME"]
@@ -26,20 +27,20 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 def _check_args(x: torch.Tensor, index: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor):
-        raise TypeError(f"rpe_index expects tensors, got {type(x).__name__} and {type(index).__name__}")
+        raise InputTypeError(f"rpe_index expects tensors, got {type(x).__name__} and {type(index).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"rpe_index: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
+        raise InputTypeError(f"rpe_index: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
     if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"rpe_index: index must be int32 or int64 bucket ids, got {index.dtype}")
+        raise InputTypeError(f"rpe_index: index must be int32 or int64 bucket ids, got {index.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"rpe_index: x must have shape (..., Lq, num_buckets), got {tuple(x.shape)}")
+        raise InputError(f"rpe_index: x must have shape (..., Lq, num_buckets), got {tuple(x.shape)}")
     if index.dim() != 2:
-        raise ValueError(f"rpe_index: index must have shape (Lq, Lk), got {tuple(index.shape)}")
+        raise InputError(f"rpe_index: index must have shape (Lq, Lk), got {tuple(index.shape)}")
     if x.shape[-2] != index.shape[0]:
-        raise ValueError(f"rpe_index: x has Lq = {x.shape[-2]} rows (shape {tuple(x.shape)}) but index has "
+        raise InputError(f"rpe_index: x has Lq = {x.shape[-2]} rows (shape {tuple(x.shape)}) but index has "
                          f"{index.shape[0]} (shape {tuple(index.shape)})")
     if x.device != index.device:
-        raise ValueError(f"rpe_index: x is on {x.device} but index is on {index.device}")
+        raise InputError(f"rpe_index: x is on {x.device} but index is on {index.device}")
 
 
 def rpe_index_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

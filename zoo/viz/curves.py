@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from zoo.errors import InputError
 from zoo.viz.figure import new_figure, save_figure
 
 __all__ = ["plot_loss", "plot_metrics", "plot_pr_curve", "plot_cmc", "EVAL_PLOTS", "write_eval_plots",
@@ -23,7 +24,7 @@ def plot_loss(loss_per_epoch: Sequence[float], loss_per_step: Optional[Sequence[
     """The training loss: the mean of each epoch (a point at the end of the epoch) and, if given, every
     step's loss behind it. Returns the Figure."""
     if not loss_per_epoch:
-        raise ValueError("plot_loss needs the loss of at least one epoch")
+        raise InputError("plot_loss needs the loss of at least one epoch")
     fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot()
     epochs = len(loss_per_epoch)
@@ -42,7 +43,7 @@ def plot_loss(loss_per_epoch: Sequence[float], loss_per_step: Optional[Sequence[
 def plot_metrics(metrics_per_epoch: Mapping[str, Sequence[float]], title: str = "validation"):
     """Validation metrics after every epoch, one line per metric (``{"AP": [...], "AP50": [...]}``)."""
     if not metrics_per_epoch or not any(metrics_per_epoch.values()):
-        raise ValueError("plot_metrics needs at least one metric with at least one epoch")
+        raise InputError("plot_metrics needs at least one metric with at least one epoch")
     fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot()
     for name, values in metrics_per_epoch.items():
@@ -72,7 +73,7 @@ def plot_pr_curve(pr_curve: Mapping, title: str = "precision-recall"):
     """
     recall, thresholds, precision = pr_curve["recall"], pr_curve["iou_thresholds"], pr_curve["precision"]
     if len(precision) != len(thresholds) or any(len(row) != len(recall) for row in precision):
-        raise ValueError(f"pr_curve: precision must be [{len(thresholds)} thresholds][{len(recall)} recall points]")
+        raise InputError(f"pr_curve: precision must be [{len(thresholds)} thresholds][{len(recall)} recall points]")
     from matplotlib import colormaps
 
     fig = new_figure(6.4, 4.8)
@@ -98,7 +99,7 @@ def plot_cmc(cmc: Mapping, max_rank: int = 50, title: str = "cumulative matching
     """
     ranks, values = list(cmc["ranks"]), list(cmc["cmc"])
     if not ranks or len(ranks) != len(values):
-        raise ValueError(f"cmc: ranks and cmc must be equally long and non-empty, got {len(ranks)} and {len(values)}")
+        raise InputError(f"cmc: ranks and cmc must be equally long and non-empty, got {len(ranks)} and {len(values)}")
     shown = [(r, v) for r, v in zip(ranks, values) if r <= max_rank]
     fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import box_convert
 
+from zoo.errors import ConfigError, InputError
 from zoo.layers.irpe import METHOD, METHOD_NAMES, RPEAttention, RPEMultiheadAttention, get_bucket_ids_2d, iRPE, iRPE_Cross
 from zoo.layers.rga import RGA_Module
 from zoo.layers.rpa import MultiheadNonlocal2d, relative_attend_query_reference
@@ -404,10 +405,10 @@ def attention_maps(model: nn.Module, x: Tensor, *, point: Sequence[float] = (0.5
     The model is put in eval mode for the run and every module back into the mode it had.
     """
     if not isinstance(x, Tensor) or x.dim() not in (3, 4):
-        raise ValueError(f"attention_maps takes one input without a batch dimension, (3, H, W) or (3T, H, W) "
+        raise InputError(f"attention_maps takes one input without a batch dimension, (3, H, W) or (3T, H, W) "
                          f"(video: or (3, T, H, W)), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if not (len(point) == 2 and all(0.0 <= float(f) <= 1.0 for f in point)):
-        raise ValueError(f"point must be (row, col) fractions in [0, 1], got {tuple(point)!r}")
+        raise ConfigError(f"point must be (row, col) fractions in [0, 1], got {tuple(point)!r}")
     point = (float(point[0]), float(point[1]))
     device = next(model.parameters()).device
     x = x.to(device)
@@ -464,8 +465,8 @@ def attention_maps(model: nn.Module, x: Tensor, *, point: Sequence[float] = (0.5
         seen_size: list = []
         handles.append(model.transform.register_forward_hook(resized))
     if not handles:
-        raise ValueError(f"{type(model).__name__} has no attention layer that zoo.viz knows "
-                         "(iRPE, RGA_Module, RSA, MultiheadNonlocal2d, SASAttention2d, AttentionConv)")
+        raise ConfigError(f"{type(model).__name__} has no attention layer that zoo.viz knows "
+                          "(iRPE, RGA_Module, RSA, MultiheadNonlocal2d, SASAttention2d, AttentionConv)")
     modes = [(module, module.training) for module in model.modules()]  # put back exactly as they were
     model.eval()
     try:

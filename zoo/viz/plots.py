@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zoo.errors import ConfigError
 from zoo.viz.figure import new_figure
 from zoo.viz.maps import (CrossMaps, Detections, IRPEMaps, Placement, RGAMaps, RPAMaps, RSAMaps, SASAMaps,
                           feature_stride)
@@ -163,7 +164,7 @@ def plot_rpe_tables(layers: Mapping[str, IRPEMaps], title: str = "learned relati
     panels = [(layer, name, head) for layer, maps in layers.items() for name in maps.tables
               for head in range(maps.tables[name].shape[0])]
     if not panels:
-        raise ValueError("plot_rpe_tables: no iRPE table")
+        raise ConfigError("plot_rpe_tables: no iRPE table")
     rows, cols = _grid(len(panels), 4)
     fig = new_figure(3.2 * cols, 3.0 * rows + 0.4)
     axes = _axes(fig, rows, cols)
@@ -223,7 +224,7 @@ def plot_spatial_attention(image: Optional[np.ndarray], layers: Mapping[str, RGA
     """Each module's spatial attention (sigmoid, 0..1) over the input."""
     shown = {name: m for name, m in layers.items() if m.spatial is not None}
     if not shown:
-        raise ValueError("plot_spatial_attention: no module has a spatial branch")
+        raise ConfigError("plot_spatial_attention: no module has a spatial branch")
     aspect = 1.0 if image is None else image.shape[0] / image.shape[1]
     fig = new_figure(2.2 * len(shown) + 0.8, 2.2 * aspect + 0.8)
     axes = _axes(fig, 1, len(shown))[0]
@@ -240,7 +241,7 @@ def plot_channel_attention(layers: Mapping[str, RGAMaps], title: str = "RGA chan
     """Each module's channel attention (sigmoid, 0..1) as a bar per channel."""
     shown = {name: m for name, m in layers.items() if m.channel is not None}
     if not shown:
-        raise ValueError("plot_channel_attention: no module has a channel branch")
+        raise ConfigError("plot_channel_attention: no module has a channel branch")
     fig = new_figure(7.0, 1.8 * len(shown) + 0.6)
     for ax, (name, maps) in zip(_axes(fig, len(shown), 1)[:, 0], shown.items()):
         values = maps.channel.numpy()
