@@ -12,6 +12,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_ROOT = Path(os.environ.get("RELZOO_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 
 
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a child Python process that imports this checkout's zoo (first on PYTHONPATH), whether
+    or not, and wherever, the package is installed; ``extra`` entries added."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def fixture_dir(family: str) -> Path:
     """``../shared/fixtures/<family>``, or skip the test with the reason when it is absent."""
     path = FIXTURES_ROOT / family

@@ -1,6 +1,5 @@
 """The evaluation runner: sharding without duplicates, gathering in order, equal results for 1 and 2 processes."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -8,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import subprocess_env
 from zoo.config import ReportedMetric
 from zoo.eval.metrics import topk_accuracy
 from zoo.eval.runner import EvalResult, _compare
@@ -52,8 +51,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     script.write_text(TOY)
     single, double = tmp_path / "single.json", tmp_path / "double.json"
     # this checkout's zoo, whether or not (and wherever) the package is installed
-    env = {**os.environ, "RELZOO_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env(RELZOO_DIST_BACKEND="gloo", OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300, env=env)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script), str(double)], capture_output=True, text=True, timeout=600, env=env)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 import zoo
 from _http_server import serve
+from conftest import subprocess_env
 from zoo import convert, weights
 from zoo.checkpoint import compare_state_dicts, load_checkpoint, load_into
 from zoo.cli import main
@@ -616,8 +617,7 @@ def test_compilers_die_with_a_builder_killed_by_sigkill(tmp_path):
     """))
     fake.chmod(0o755)
     script = f"from zoo.ops.build import build; build('hardening_op', source_dir={str(_op_sources(tmp_path))!r})"
-    env = {**os.environ, "CXX": str(fake), "RELZOO_EXTENSIONS_DIR": str(tmp_path / "ext"), "RELZOO_OPS_CUDA": "0",
-           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = subprocess_env(CXX=str(fake), RELZOO_EXTENSIONS_DIR=str(tmp_path / "ext"), RELZOO_OPS_CUDA="0")
     builder = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:

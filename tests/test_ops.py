@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import zoo.ops as ops
-from conftest import native_op
+from conftest import native_op, subprocess_env
 import zoo.paths
 from zoo._fs import file_lock
 from zoo.errors import OpsError
@@ -49,8 +49,7 @@ CTX_QK_CASES = [
 
 def run_python(code: str, ext_dir: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with the repo importable and builds in ``ext_dir``."""
-    full_env = {**os.environ, "RELZOO_EXTENSIONS_DIR": str(ext_dir), "RELZOO_OPS_CUDA": "0",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    full_env = subprocess_env(RELZOO_EXTENSIONS_DIR=str(ext_dir), RELZOO_OPS_CUDA="0")
     full_env.pop("RELZOO_OPS", None)
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=REPO_ROOT,
@@ -135,8 +134,7 @@ def test_first_build_by_two_processes_at_once_over_a_broken_cache_then_cached_lo
         while len(list(barrier.iterdir())) < 2:
             time.sleep(0.05)
     """) + textwrap.dedent(LOAD_AND_CHECK)
-    env = {**os.environ, "RELZOO_EXTENSIONS_DIR": str(ext), "RELZOO_OPS_CUDA": "0", "BARRIER": str(barrier),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env(RELZOO_EXTENSIONS_DIR=str(ext), RELZOO_OPS_CUDA="0", BARRIER=str(barrier))
     env.pop("RELZOO_OPS", None)
     procs = [subprocess.Popen([sys.executable, "-c", racer], env=env, cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

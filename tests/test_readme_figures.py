@@ -1,12 +1,11 @@
 """README's pictures come from scripts/readme_figures.py (one per family, drawn from the minis): the committed
 ones exist and are pictures, and the script draws them (here for one family, to stay fast)."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, picture
+from conftest import REPO_ROOT, picture, subprocess_env
 
 pytest.importorskip("matplotlib")
 
@@ -19,7 +18,7 @@ def test_committed_figure_is_apicture(family):
 
 
 def test_script_draws_a_family(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "readme_figures.py"), "--families", "rga",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr

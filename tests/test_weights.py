@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from _http_server import serve
+from conftest import subprocess_env
 import zoo
 from zoo import convert, weights
 from zoo.errors import CheckpointError, HashMismatchError, OfflineError, WeightsError
@@ -215,7 +216,7 @@ print(weights.fetch(url, sha256=sha))
 def test_two_processes_download_the_same_file_once(tmp_path):
     data = os.urandom(1 << 20)
     sha = hashlib.sha256(data).hexdigest()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = subprocess_env()
     with serve({"/big.bin": data}, delay=0.1) as server:  # ~1.6 s per download: the two overlap
         procs = []
         for i in range(2):
