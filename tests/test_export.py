@@ -157,6 +157,8 @@ def deploy_checks(name: str, sample: torch.Tensor, tmp_path: Path, pretrained: b
         assert all(t.dtype == torch.bfloat16 for t in low if t.is_floating_point())
         assert _cosine(dense, low) >= 0.99, f"{name} .to(bfloat16): cosine {_cosine(dense, low):.4f}"
         ExportedGraph(half)(sample.to(torch.bfloat16))
+        if hasattr(model, "forward_export"):  # the detector's eager forward too (torchvision's NMS in float32)
+            assert all(d["boxes"].dtype == torch.bfloat16 for d in half(list(sample.to(torch.bfloat16))))
     row["bf16_autocast_cosine"] = cosine
 
     # memory formats: channels_last for 2-D models, channels_last_3d for the 3-D RSANet

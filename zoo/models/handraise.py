@@ -186,16 +186,6 @@ class HandRaiseRCNN(FasterRCNN):
         super().__init__(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **detector_kwargs)
         self.locality = locality
 
-    def forward(self, images, targets=None):
-        """torchvision's forward; a model in bfloat16 / float16 runs it under autocast in that dtype, which
-        gives torchvision's NMS (no reduced-precision CPU kernel) its float32 inputs."""
-        dtype = self.roi_heads.box_predictor.cls_score.weight.dtype
-        device = self.roi_heads.box_predictor.cls_score.weight.device.type
-        if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device):
-            with torch.autocast(device, dtype=dtype):
-                return super().forward(images, targets)
-        return super().forward(images, targets)
-
     @property
     def num_classes(self) -> int:
         return self.roi_heads.box_predictor.cls_score.out_features
@@ -203,7 +193,10 @@ class HandRaiseRCNN(FasterRCNN):
     def forward(self, images, targets=None):
         """torchvision's detection forward, after checking the images (:mod:`zoo.models._inputs`): each
         (in_chans, H, W) of the weights' floating dtype (not cast here), large enough that the detector's
-        resize keeps the backbone's total stride. No images: no detections (in eval mode)."""
+        resize keeps the backbone's total stride. No images: no detections (in eval mode).
+
+        A model in bfloat16 / float16 runs it under autocast in that dtype, which gives torchvision's NMS (no
+        reduced-precision CPU kernel) its float32 inputs."""
         if isinstance(images, torch.Tensor) and images.dim() != 4:
             raise InputError(f"HandRaiseRCNN takes a list of ({self.backbone.body.in_chans}, H, W) images (or a "
                              f"(B, C, H, W) batch), got a tensor of shape {tuple(images.shape)}")
@@ -213,6 +206,10 @@ class HandRaiseRCNN(FasterRCNN):
             if self.training:
                 raise InputError("HandRaiseRCNN: a training batch needs at least one image")
             return []
+        dtype, device = weight_dtype(self), self.roi_heads.box_predictor.cls_score.weight.device.type
+        if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device):
+            with torch.autocast(device, dtype=dtype):
+                return super().forward(images, targets)
         return super().forward(images, targets)
 
     def _check_images(self, images: Sequence[torch.Tensor]) -> None:
