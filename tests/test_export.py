@@ -91,9 +91,7 @@ def _cosine(expected, got) -> float:
 def _dense(model, x):
     """The outputs reduced precision is compared on: the detector's feature pyramid, else the model's outputs."""
     if hasattr(model, "forward_export"):
-        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-                     for v in (model.transform.image_mean, model.transform.image_std))
-        return tuple(model.backbone((x - mean) / std).values())
+        return tuple(model.backbone(model.transform.normalize(x)).values())
     return ExportedGraph(model)(x)
 
 

@@ -245,9 +245,7 @@ class HandRaiseRCNN(FasterRCNN):
     def forward_intermediates(self, images, indices: Sequence[int]) -> list[torch.Tensor]:
         """A (B, C, H, W) batch in [0, 1] (or a list of same-size (C, H, W) images) -> the body's maps."""
         batch = torch.stack(list(images)) if not isinstance(images, torch.Tensor) else images
-        mean, std = (torch.as_tensor(v, dtype=batch.dtype, device=batch.device).view(-1, 1, 1)
-                     for v in (self.transform.image_mean, self.transform.image_std))
-        return self.backbone.body.forward_intermediates((batch - mean) / std, indices)
+        return self.backbone.body.forward_intermediates(self.transform.normalize(batch), indices)
 
     # -- export (zoo.export): the same detections without data-dependent shapes --
 
@@ -282,11 +280,9 @@ class HandRaiseRCNN(FasterRCNN):
         """torchvision's GeneralizedRCNNTransform on a batch: normalise, resize (one scale), pad to a multiple of
         32. Returns (batch, resized (h, w))."""
         t = self.transform
-        mean = images.new_tensor(t.image_mean).view(-1, 1, 1)
-        std = images.new_tensor(t.image_std).view(-1, 1, 1)
         height, width = images.shape[-2:]
         scale = min(t.min_size[-1] / min(height, width), t.max_size / max(height, width))
-        x = F.interpolate((images - mean) / std, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+        x = F.interpolate(t.normalize(images), scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                           align_corners=False)
         resized = tuple(x.shape[-2:])
         stride = t.size_divisible
