@@ -273,16 +273,16 @@ def export_model(name: str, out_dir: Union[str, Path], weights: Optional[str] = 
             try:
                 check = check_onnx(tmp / file, model, example)
             except DependencyError:  # onnxruntime is not installed: export.json says nothing was checked
-                check = None
+                pass
         else:
             file = "model.pt2"
             torch.export.save(program, str(tmp / file))
-        graph = ExportedGraph(model)
-        with torch.no_grad():
-            outputs = graph(example)
-        graph_io = {"input_name": graph.input_name,
-                    "outputs": [(n, list(o.shape), str(o.dtype).replace("torch.", ""))
-                                for n, o in zip(graph.output_names, outputs)]}
+        # the outputs' shapes and dtypes as traced (a symbolic batch a SymInt): no further eager run for them
+        meta = program.graph_module.meta
+        traced = [node.meta["val"] for node in program.graph.output_node().args[0]]
+        graph_io = {"input_name": meta["input_name"],
+                    "outputs": [(n, [d if isinstance(d, int) else str(d) for d in o.shape],
+                                 str(o.dtype).replace("torch.", "")) for n, o in zip(meta["output_names"], traced)]}
         info = _describe(name, model, graph_io, example, format, file, dynamic_batch, check)
         atomic_write_text(tmp / "export.json", json.dumps(info, indent=2) + "\n")
         replace_dir(tmp, out_dir)
