@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,30 +38,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="relzoo
 
 import torch  # noqa: E402
 
+from _timing import median_ms  # noqa: E402
 import zoo  # noqa: E402
 from zoo import demo  # noqa: E402
 from zoo.export import ExportedGraph, example_input  # noqa: E402
-
-
-def _median_ms(fn, x, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-class _Outputs(torch.nn.Module):
-    """A submodule returning a tensor or a dict of tensors, as a tuple of tensors (what ExportedGraph returns)."""
-
-    def __init__(self, part: torch.nn.Module):
-        super().__init__()
-        self.part = part
-
-    def forward(self, x):
-        out = self.part(x)
-        return tuple(out.values()) if isinstance(out, dict) else (out,)
 
 
 def measure(name: str, backend: str, repeats: int, random_weights: bool = False, input_size=None,
@@ -70,7 +49,7 @@ def measure(name: str, backend: str, repeats: int, random_weights: bool = False,
     torch.manual_seed(0)  # random weights: the same in every run
     model = zoo.create_model(name, pretrained=not random_weights, **(kwargs or {})).eval()
     x = example_input(model, input_size, batch=2)
-    graph = ExportedGraph(model) if module is None else _Outputs(getattr(model, module))
+    graph = ExportedGraph(model if module is None else getattr(model, module))  # a submodule's dict: its tensors
     with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         expected = graph(x)
         explained = torch._dynamo.explain(graph)(x)
@@ -80,8 +59,8 @@ def measure(name: str, backend: str, repeats: int, random_weights: bool = False,
         got = compiled(x)
         compile_s = time.perf_counter() - start
         diff = max(float((e.double() - g.double()).abs().max()) for e, g in zip(expected, got) if e.numel())
-        eager_ms = _median_ms(graph, x, repeats)
-        compiled_ms = _median_ms(compiled, x, repeats)
+        eager_ms = median_ms(lambda: graph(x), repeats)
+        compiled_ms = median_ms(lambda: compiled(x), repeats)
         torch._dynamo.reset()
     return {"model": name, "breaks": explained.graph_break_count, "reasons": [str(r.reason) for r in explained.break_reasons],
             "compile_s": compile_s, "diff": diff, "eager_ms": eager_ms, "compiled_ms": compiled_ms}

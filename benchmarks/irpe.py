@@ -16,15 +16,14 @@ All rows are measured in the same process, same threads, median of ``runs`` afte
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+from _timing import median_ms  # noqa: E402
 from zoo.layers.irpe import RPEMultiheadAttention, iRPE, rpe_config_from_spec  # noqa: E402
 from zoo.models.detr import build_detr  # noqa: E402
 
@@ -36,23 +35,6 @@ def set_backend(model: torch.nn.Module, reference: bool) -> None:
     for module in model.modules():
         if isinstance(module, iRPE):
             module.backend = "reference" if reference else "auto"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, runs: int, device: torch.device) -> float:
-    fn()  # warm-up: bucket maps, kernel loading, allocator
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_models(height: int, width: int, batch: int, runs: int, device: torch.device) -> list[tuple]:
@@ -67,7 +49,7 @@ def bench_models(height: int, width: int, batch: int, runs: int, device: torch.d
                               (f"DETR-R50 + iRPE {SPEC} (reference formulation)", with_rpe, True)):
         set_backend(model, ref)
         with torch.inference_mode():
-            seconds = median_seconds(lambda: model(images), runs, device)
+            seconds = median_ms(lambda: model(images), runs, device) / 1000
         rows.append((label, seconds, batch / seconds))
     return rows
 
@@ -85,7 +67,7 @@ def bench_attention(h: int, w: int, batch: int, runs: int, device: torch.device)
         set_backend(attn, ref)
         attn.eval()
         with torch.inference_mode():
-            fwd = median_seconds(lambda: attn(x, x, x, hw=(h, w)), runs, device)
+            fwd = median_ms(lambda: attn(x, x, x, hw=(h, w)), runs, device) / 1000
         attn.train()
         xg = x.clone().requires_grad_(True)
 
@@ -93,7 +75,7 @@ def bench_attention(h: int, w: int, batch: int, runs: int, device: torch.device)
             out, _ = attn(xg, xg, xg, hw=(h, w), need_weights=False)
             out.sum().backward()
 
-        train = median_seconds(step, runs, device)
+        train = median_ms(step, runs, device) / 1000
         rows.append((label, fwd, train))
     return rows
 

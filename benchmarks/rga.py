@@ -18,7 +18,6 @@ Usage: ``python benchmarks/rga.py [--quick] [--batch 8] [--repeats 5] [--device 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import weakref
@@ -30,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+from _timing import median_ms  # noqa: E402
 from zoo.layers.rga import RGA_Module, relation_conv_direct, relation_conv_low_rank  # noqa: E402
 
 
@@ -76,20 +76,6 @@ def peak_bytes(fn, device: torch.device) -> int:
     with counter:
         fn()
     return counter.peak
-
-
-def median_ms(fn, device: torch.device, repeats: int, clock) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (clock() - start))
-    return statistics.median(times)
 
 
 def cases(channels: int, height: int, width: int, batch: int, device: torch.device):
@@ -203,8 +189,8 @@ def main(argv=None) -> int:
         size = f"{label}: C={channels}, {h}x{w}, N={h * w}"
         macs = mac_ratio(channels, h * w)
         for case, direct_fn, fast_fn in cases(channels, h, w, batch, device):
-            t_direct = median_ms(direct_fn, device, args.repeats, clock)
-            t_fast = median_ms(fast_fn, device, args.repeats, clock)
+            t_direct = median_ms(direct_fn, args.repeats, device, clock)
+            t_fast = median_ms(fast_fn, args.repeats, device, clock)
             m_direct, m_fast = peak_bytes(direct_fn, device), peak_bytes(fast_fn, device)
             speedup = t_direct / t_fast
             worst[case] = min(worst.get(case, float("inf")), speedup)
